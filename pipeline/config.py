@@ -1,0 +1,274 @@
+"""Typed parameters, loaded once from params.yaml, and every artefact path in one place.
+
+Bad params fail here, before any work starts, with one line naming the param
+(`ConfigError: train.arch: unknown architecture 'foo' ...`).
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+SOURCES = ("phantom", "kermany", "chexpert", "rsna", "nih", "cardiomegaly")
+
+
+class ConfigError(ValueError):
+    """A parameter is wrong; the message names it."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class SplitFractions(_Section):
+    val: float = Field(0.15, ge=0, lt=1)
+    test: float = Field(0.15, ge=0, lt=1)
+    test_shifted: float = Field(0.15, ge=0, lt=1)
+
+    @model_validator(mode="after")
+    def _leaves_train(self):
+        if self.val + self.test + self.test_shifted >= 0.9:
+            raise ValueError("val + test + test_shifted must leave at least 10% for train")
+        return self
+
+
+class DataParams(_Section):
+    source: Literal["phantom", "kermany", "chexpert", "rsna", "nih", "cardiomegaly"] = "phantom"
+    root: str | None = None
+    image_size: int = Field(128, ge=32, le=1024)
+    shard_size: int = Field(512, ge=1)
+    labels: list[str] | None = None  # None = every label the source provides
+    split: SplitFractions = SplitFractions()
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _root_for_real_sources(self):
+        if self.source != "phantom":
+            if not self.root:
+                raise ValueError(f"root is required for source {self.source!r}")
+            if not Path(self.root).is_dir():
+                raise ValueError(f"root {self.root!r} is not a directory")
+        return self
+
+
+class PhantomParams(_Section):
+    n_patients: int = Field(1800, ge=8)
+    max_images_per_patient: int = Field(2, ge=1)
+    shortcut_p: float = Field(0.95, ge=0, le=1)
+    shortcut_labels: list[str] = ["Pneumonia", "Cardiomegaly"]
+    prevalence: dict[str, float] = {
+        "Pneumonia": 0.4, "Cardiomegaly": 0.4, "Pleural Effusion": 0.2, "Lung Lesion": 0.2,
+    }
+    opacity_contrast: float = Field(1.0, gt=0)
+
+
+class SegmentParams(_Section):
+    encoder: str = "resnet18"
+    size: int = Field(64, ge=32)
+    n_train: int = Field(400, ge=4)
+    epochs: int = Field(12, ge=1)
+    batch_size: int = Field(32, ge=1)
+    lr: float = Field(3e-3, gt=0)
+    seed: int = 0
+
+
+class AugmentParams(_Section):
+    rotate_deg: float = Field(5.0, ge=0, le=45)
+    shift: float = Field(0.04, ge=0, le=0.3)
+    scale: float = Field(0.05, ge=0, le=0.5)
+    brightness_contrast: float = Field(0.1, ge=0, le=0.5)
+    noise: float = Field(0.0, ge=0, le=0.2)
+
+
+class TrainParams(_Section):
+    arch: str = "tinyvgg"
+    weights: str | None = None  # local weights file; never downloaded
+    epochs: int = Field(10, ge=1)
+    finetune_epochs: int = Field(6, ge=1)
+    batch_size: int = Field(64, ge=1)
+    lr: float = Field(3e-3, gt=0)
+    finetune_lr: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(1e-4, ge=0)
+    augment: AugmentParams = AugmentParams()
+    num_threads: int = Field(0, ge=0)  # 0 = leave torch's default
+    seed: int = 0
+
+    @field_validator("arch")
+    @classmethod
+    def _known_arch(cls, v: str) -> str:
+        from pipeline.models.registry import list_models
+
+        if v not in list_models():
+            raise ValueError(f"unknown architecture {v!r}; registered: {', '.join(list_models())}")
+        return v
+
+    @field_validator("weights")
+    @classmethod
+    def _weights_exist(cls, v: str | None) -> str | None:
+        if v is not None and not Path(v).is_file():
+            raise ValueError(f"weights file {v!r} does not exist")
+        return v
+
+
+class CamParams(_Section):
+    method: Literal["gradcam"] = "gradcam"
+    size: int = Field(16, ge=4, le=64)  # stored low-res CAM side
+    batch_size: int = Field(64, ge=1)
+
+
+class EnhanceParams(_Section):
+    policy: Literal["counterfactual", "overlay", "suppress"] = "counterfactual"
+    # counterfactual: which off-anatomy region is decorrelated (swapped with a donor image's)
+    region: Literal["outside", "cam"] = "outside"
+    cam_threshold: float = Field(0.2, ge=0, le=1)  # atlas level that marks an attended region
+    keep_share: float = Field(0.7, ge=0, le=1)     # a CAM this inside its anatomy is "accurate"
+    anatomy_margin: int = Field(3, ge=0)           # px dilation of the kept anatomy
+    feather: float = Field(1.5, ge=0)              # px blur of the swap boundary
+    overlay_floor: float = Field(0.2, ge=0, le=1)  # overlay policy: outside kept at this fraction
+    seed: int = 0
+
+
+class EvaluateParams(_Section):
+    n_cam_images: int = Field(400, ge=1)      # test images scored for localisation
+    n_sanity_images: int = Field(16, ge=1)
+    n_faithfulness_images: int = Field(32, ge=1)
+    pointing_tolerance_px: int = Field(2, ge=0)
+
+
+class ReportParams(_Section):
+    grid_images: int = Field(8, ge=1, le=100)
+
+
+class FlowParams(_Section):
+    min_gain: float = Field(0.01, ge=0)          # pointing-game gain that counts as improvement
+    patience: int = Field(2, ge=1)               # stop after this many cycles without gain
+    auroc_tolerance: float = Field(0.05, ge=0)   # stop when clean AUROC drops more than this
+    retries: int = Field(1, ge=0)
+
+
+class CycleItem(_Section):
+    id: int = Field(ge=1)
+    prev: int = Field(ge=0)
+
+
+class Params(_Section):
+    data: DataParams = DataParams()
+    phantom: PhantomParams = PhantomParams()
+    segment: SegmentParams = SegmentParams()
+    train: TrainParams = TrainParams()
+    cam: CamParams = CamParams()
+    enhance: EnhanceParams = EnhanceParams()
+    evaluate: EvaluateParams = EvaluateParams()
+    report: ReportParams = ReportParams()
+    flow: FlowParams = FlowParams()
+    cycles: dict[str, CycleItem] = {"c1": CycleItem(id=1, prev=0)}
+
+    @field_validator("cycles")
+    @classmethod
+    def _cycle_chain(cls, cycles: dict[str, CycleItem]) -> dict[str, CycleItem]:
+        seen = {0}
+        for key, item in sorted(cycles.items(), key=lambda kv: kv[1].id):
+            if key != f"c{item.id}":
+                raise ValueError(f"key {key!r} must be 'c{item.id}' (c<id>)")
+            if item.prev not in seen:
+                raise ValueError(f"{key}.prev={item.prev} breaks the chain: cycle {item.prev} is not defined")
+            if item.prev != item.id - 1:
+                raise ValueError(f"{key}.prev={item.prev} breaks the chain: expected {item.id - 1}")
+            seen.add(item.id)
+        return cycles
+
+    def cycle_ids(self) -> list[int]:
+        """0 (baseline) followed by every configured refinement cycle, in order."""
+        return [0] + sorted(item.id for item in self.cycles.values())
+
+
+def _format_error(err: ValidationError) -> str:
+    first = err.errors()[0]
+    where = ".".join(str(p) for p in first["loc"]) or "params"
+    msg = first["msg"].removeprefix("Value error, ")
+    return f"{where}: {msg}"
+
+
+def load_params(path: str | os.PathLike = "params.yaml") -> Params:
+    """Load and validate params.yaml; raise ConfigError with a one-line message naming the param."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"params file {str(p)!r} not found")
+    raw = yaml.safe_load(p.read_text()) or {}
+    try:
+        return Params.model_validate(raw)
+    except ValidationError as err:
+        raise ConfigError(_format_error(err)) from None
+
+
+class Paths:
+    """Every artefact path, relative to the project root. dvc.yaml mirrors these."""
+
+    def __init__(self, root: str | os.PathLike = "."):
+        self.root = Path(root)
+
+    # prepared data
+    @property
+    def prepared(self) -> Path:
+        return self.root / "data" / "prepared"
+
+    @property
+    def manifest(self) -> Path:
+        return self.prepared / "manifest.parquet"
+
+    @property
+    def boxes(self) -> Path:
+        return self.prepared / "boxes.parquet"
+
+    @property
+    def images(self) -> Path:
+        return self.prepared / "images"
+
+    @property
+    def gt_masks(self) -> Path:
+        return self.prepared / "masks"
+
+    @property
+    def grid(self) -> Path:
+        return self.prepared / "grid.json"
+
+    # segmentation
+    @property
+    def masks(self) -> Path:
+        return self.root / "data" / "segment" / "masks"
+
+    @property
+    def unet(self) -> Path:
+        return self.root / "models" / "unet"
+
+    @property
+    def segment_report(self) -> Path:
+        return self.root / "reports" / "segment"
+
+    # per cycle
+    def model(self, cycle: int) -> Path:
+        return self.root / "models" / f"c{cycle}"
+
+    def cams(self, cycle: int) -> Path:
+        return self.root / "data" / "cams" / f"c{cycle}"
+
+    def enhanced(self, cycle: int) -> Path:
+        return self.root / "data" / "enhanced" / f"c{cycle}"
+
+    def cycle_report(self, cycle: int) -> Path:
+        return self.root / "reports" / "cycles" / f"c{cycle}"
+
+    def resume_dir(self, cycle: int) -> Path:
+        return self.root / "models" / ".resume" / f"c{cycle}"
+
+    # report
+    @property
+    def summary(self) -> Path:
+        return self.root / "reports" / "summary.json"
+
+    @property
+    def latest(self) -> Path:
+        return self.root / "models" / "latest.json"

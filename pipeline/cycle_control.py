@@ -1,0 +1,43 @@
+"""When to stop refining, decided the same way by the Prefect flow and by the report stage.
+
+Stop when localisation (pointing game, or CAM energy in anatomy where a dataset has no boxes) has
+not improved by `min_gain` for `patience` cycles, or when clean AUROC fell more than
+`auroc_tolerance` below cycle 0. The served model is the last cycle not rejected by the rule.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from pipeline.config import FlowParams
+
+
+@dataclass
+class Decision:
+    stop: bool
+    reason: str | None
+    serve_cycle: int
+
+
+def localisation_score(m: dict) -> float | None:
+    return m.get("pointing_game") if m.get("pointing_game") is not None else m.get("cam_in_anatomy")
+
+
+def decide(history: list[dict], rule: FlowParams) -> Decision:
+    """`history`: per-cycle metrics dicts in cycle order (cycle 0 first)."""
+    if not history:
+        raise ValueError("no cycle has been evaluated yet")
+    base_auroc = history[0].get("auroc_macro")
+    best_loc, best_at, serve = None, 0, history[0]["cycle"]
+    for k, m in enumerate(history):
+        auroc = m.get("auroc_macro")
+        if k and base_auroc is not None and auroc is not None and auroc < base_auroc - rule.auroc_tolerance:
+            return Decision(True, f"clean AUROC {auroc:.3f} fell more than {rule.auroc_tolerance} below "
+                                  f"cycle 0's {base_auroc:.3f} at cycle {m['cycle']}", serve)
+        serve = m["cycle"]
+        loc = localisation_score(m)
+        if loc is not None and (best_loc is None or loc >= best_loc + rule.min_gain):
+            best_loc, best_at = loc, k
+        elif k - best_at >= rule.patience:
+            return Decision(True, f"localisation gained less than {rule.min_gain} for {rule.patience} "
+                                  f"cycle(s) by cycle {m['cycle']}", serve)
+    return Decision(False, None, serve)

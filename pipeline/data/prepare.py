@@ -1,0 +1,96 @@
+"""Turn a source's records into the prepared contract: manifest, boxes, image and mask stores, grid."""
+from __future__ import annotations
+
+import importlib
+import logging
+
+import numpy as np
+import pandas as pd
+from tqdm import tqdm
+
+from pipeline.config import Params, Paths
+from pipeline.data.labels import CANONICAL_LABELS
+from pipeline.data.manifest import BOX_COLUMNS, validate_manifest
+from pipeline.data.record import Record
+from pipeline.data.store import ArrayStoreWriter
+from pipeline.io import write_json, write_parquet
+
+log = logging.getLogger(__name__)
+
+GRID_MAX = 100  # fixed test images shown per cycle, chosen once here
+
+
+def source_module(name: str):
+    """The adapter module for `data.source` (one module per dataset under pipeline/data/sources)."""
+    try:
+        return importlib.import_module(f"pipeline.data.sources.{name}")
+    except ModuleNotFoundError as err:
+        if err.name == f"pipeline.data.sources.{name}":
+            raise ValueError(f"data.source: no adapter for {name!r} in this version") from None
+        raise
+
+
+def _choose_grid(manifest: pd.DataFrame, labels: list[str], seed: int) -> list[str]:
+    """Up to GRID_MAX test images, positives of each label first, so every label is shown."""
+    test = manifest[manifest["split"] == "test"]
+    rng = np.random.default_rng(seed)
+    chosen: list[str] = []
+    per_label = max(1, GRID_MAX // (2 * max(1, len(labels))))
+    for label in labels:
+        pos = test[test[label] == 1.0]["image_id"].tolist()
+        rng.shuffle(pos)
+        chosen += [i for i in pos[:per_label] if i not in chosen]
+    rest = [i for i in test["image_id"].tolist() if i not in chosen]
+    rng.shuffle(rest)
+    return (chosen + rest)[:GRID_MAX]
+
+
+def prepare(params: Params, paths: Paths) -> dict:
+    """Write every prepared artefact; returns a small summary (counts per split and label)."""
+    module = source_module(params.data.source)
+    size = params.data.image_size
+    rows: list[dict] = []
+    boxes: list[tuple] = []
+    images = ArrayStoreWriter(paths.images, (size, size), np.uint8, params.data.shard_size,
+                              attrs={"source": params.data.source})
+    masks = None
+    for rec in tqdm(module.records(params), desc="prepare", unit="img", mininterval=2):
+        rec: Record
+        if rec.image.shape != (size, size) or rec.image.dtype != np.uint8:
+            raise ValueError(f"source {params.data.source} yielded {rec.image.shape}/{rec.image.dtype} "
+                             f"for {rec.image_id}; expected ({size}, {size}) uint8")
+        images.append(rec.image[None])
+        if rec.anatomy is not None:
+            if masks is None:
+                if rows:
+                    raise ValueError("a source must give anatomy masks for every image or for none")
+                masks = ArrayStoreWriter(paths.gt_masks, (size, size), np.uint8, params.data.shard_size)
+            masks.append(rec.anatomy[None])
+        elif masks is not None:
+            raise ValueError(f"{rec.image_id} has no anatomy mask but earlier images had one")
+        row = {"image_id": rec.image_id, "patient_id": rec.patient_id, "split": rec.split,
+               "source_path": rec.source_path, "view": rec.view}
+        row.update({label: rec.labels.get(label, np.nan) for label in CANONICAL_LABELS})
+        row.update(rec.meta)
+        rows.append(row)
+        boxes += [(rec.image_id, *box) for box in rec.boxes]
+    if not rows:
+        raise ValueError(f"data.source {params.data.source!r} yielded no images")
+    manifest = validate_manifest(pd.DataFrame(rows))
+    for label in CANONICAL_LABELS:
+        manifest[label] = manifest[label].astype("float32")
+    images.close()
+    if masks is not None:
+        masks.close()
+    write_parquet(paths.boxes, pd.DataFrame(boxes, columns=list(BOX_COLUMNS)))
+    labels = params.data.labels or [lab for lab in CANONICAL_LABELS if manifest[lab].notna().any()]
+    write_json(paths.grid, {"image_ids": _choose_grid(manifest, labels, params.data.seed)})
+    write_parquet(paths.manifest, manifest)  # last: the manifest marks the stage complete
+    summary = {
+        "n_images": len(manifest), "n_patients": int(manifest["patient_id"].nunique()),
+        "splits": manifest["split"].value_counts().to_dict(),
+        "positives": {lab: int((manifest[lab] == 1).sum()) for lab in labels},
+        "has_gt_masks": masks is not None, "n_boxes": len(boxes),
+    }
+    log.info("prepared %s", summary)
+    return summary

@@ -1,0 +1,180 @@
+"""Enhancement policies: build the next cycle's training images from the raw ones.
+
+`counterfactual` (default) follows DESIGN.md "Enhancement: what makes it work":
+  1. the same transform for every image, whatever its label;
+  2. shortcut content is decorrelated, not hidden: each image keeps its own anatomy (lungs ∪ heart,
+     dilated by a margin) and the rest is replaced by the same region of a random other training
+     image (any label), so a marker stays present in both classes and carries no information;
+  3. Grad-CAM guides where: the previous model's attention *outside each label's anatomy*, pooled
+     over all training images (positives and negatives alike, skipping already-accurate CAMs),
+     forms an atlas; its hot regions are swapped even inside the anatomy margin (`region: outside`),
+     or are the only regions swapped (`region: cam`).
+`overlay` is the literal published recipe (positives × CAM×anatomy, negatives × anatomy, rest dimmed)
+and `suppress` zeroes everything outside the anatomy; both are kept for comparison only: they
+transform the classes differently or hide the shortcut, which DESIGN.md measured to make things worse.
+"""
+from __future__ import annotations
+
+import logging
+
+import cv2
+import numpy as np
+
+from pipeline.cam.library import upsample
+from pipeline.config import EnhanceParams
+from pipeline.data.labels import anatomy_of
+from pipeline.data.record import decode_anatomy
+from pipeline.data.store import ArrayStore, ArrayStoreWriter
+
+log = logging.getLogger(__name__)
+
+
+def _dilate(mask: np.ndarray, px: int) -> np.ndarray:
+    if px <= 0:
+        return mask.astype(bool)
+    kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * px + 1, 2 * px + 1))
+    return cv2.dilate(mask.astype(np.uint8), kernel) > 0
+
+
+def _feather(mask: np.ndarray, sigma: float) -> np.ndarray:
+    w = mask.astype(np.float32)
+    return cv2.GaussianBlur(w, (0, 0), sigma) if sigma > 0 else w
+
+
+def off_anatomy_atlas(cams: ArrayStore, masks: ArrayStore, labels: list[str], keep_share: float,
+                      batch_size: int = 256) -> tuple[np.ndarray, dict]:
+    """Mean CAM energy outside each label's anatomy, over all training images, in image pixels.
+
+    Returns (atlas normalised to max 1, stats). A CAM already inside its anatomy
+    (share >= keep_share) is "accurate" and does not vote.
+    """
+    size = masks.item_shape[-1]
+    atlas = np.zeros((size, size), dtype=np.float64)
+    n_votes, n_accurate, shares = 0, 0, []
+    structures = [anatomy_of(label) for label in labels]
+    for idx, cam_batch in cams.iter_batches(batch_size):
+        up = upsample(cam_batch, size)                   # (n, L, S, S)
+        m = masks.read(idx)
+        for k, structure in enumerate(structures):
+            region = decode_anatomy(m, structure)         # (n, S, S)
+            energy = up[:, k].sum(axis=(1, 2)) + 1e-8
+            share = (up[:, k] * region).sum(axis=(1, 2)) / energy
+            shares += share.tolist()
+            vote = share < keep_share
+            n_accurate += int((~vote).sum())
+            n_votes += int(vote.sum())
+            off = up[:, k] * ~region / energy[:, None, None]
+            atlas += off[vote].sum(axis=0)
+    if atlas.max() > 0:
+        atlas /= atlas.max()
+    stats = {"mean_cam_in_anatomy": float(np.mean(shares)) if shares else None,
+             "accurate_cams": n_accurate, "voting_cams": n_votes}
+    return atlas.astype(np.float32), stats
+
+
+def derangement(n: int, rng: np.random.Generator) -> np.ndarray:
+    """A random permutation with no fixed point: nobody is their own donor."""
+    if n < 2:
+        return np.arange(n)
+    perm = rng.permutation(n)
+    fixed = np.flatnonzero(perm == np.arange(n))
+    for i in fixed:  # swap each fixed point with a neighbour: still a permutation, now fixed-point free
+        j = (i + 1) % n
+        perm[i], perm[j] = perm[j], perm[i]
+    return perm
+
+
+def counterfactual(images: np.ndarray, donors: np.ndarray, anatomy: np.ndarray, hot: np.ndarray | None,
+                   p: EnhanceParams) -> np.ndarray:
+    """Keep each image's anatomy; take the decorrelated region from its donor (label-blind)."""
+    out = np.empty_like(images)
+    for i in range(len(images)):
+        keep = _dilate(anatomy[i] > 0, p.anatomy_margin)
+        if p.region == "outside":
+            swap = ~keep if hot is None else (~keep | (hot & ~(anatomy[i] > 0)))
+        else:  # "cam": only the attended off-anatomy regions
+            swap = np.zeros_like(keep) if hot is None else (hot & ~(anatomy[i] > 0))
+        w = _feather(swap, p.feather)
+        out[i] = np.clip(w * donors[i] + (1 - w) * images[i], 0, 255).round().astype(np.uint8)
+    return out
+
+
+def overlay(images: np.ndarray, anatomy: np.ndarray, cams_up: np.ndarray, targets: np.ndarray,
+            p: EnhanceParams) -> np.ndarray:
+    """The literal published recipe (label-dependent): kept for comparison, not as a default."""
+    out = np.empty_like(images)
+    for i in range(len(images)):
+        region = (anatomy[i] > 0).astype(np.float32)
+        positive = np.nan_to_num(targets[i]) > 0
+        weight = region * cams_up[i][positive].max(axis=0) if positive.any() else region
+        factor = p.overlay_floor + (1 - p.overlay_floor) * weight
+        out[i] = np.clip(images[i] * factor, 0, 255).round().astype(np.uint8)
+    return out
+
+
+def suppress(images: np.ndarray, anatomy: np.ndarray, p: EnhanceParams) -> np.ndarray:
+    """Zero everything outside the (dilated) anatomy, the same for every image: hides, not decorrelates."""
+    keep = np.stack([_dilate(a > 0, p.anatomy_margin) for a in anatomy])
+    return np.where(keep, images, 0).astype(np.uint8)
+
+
+def enhance(p: EnhanceParams, images: ArrayStore, masks: ArrayStore, cams: ArrayStore,
+            train_idx: np.ndarray, targets: np.ndarray, labels: list[str], out_dir, shard_size: int,
+            cycle: int, batch_size: int = 256) -> tuple[ArrayStore, dict, np.ndarray]:
+    """Write the enhanced training images (aligned with `train_idx`); returns (store, stats, atlas)."""
+    if len(cams) != len(train_idx):
+        raise ValueError(f"CAM store has {len(cams)} items for {len(train_idx)} training images")
+    size = images.item_shape[-1]
+    atlas, stats = off_anatomy_atlas(cams, _Subset(masks, train_idx), labels, p.keep_share)
+    hot = atlas >= p.cam_threshold if atlas.max() > 0 else None
+    stats["hot_fraction"] = float(hot.mean()) if hot is not None else 0.0
+    rng = np.random.default_rng([p.seed, cycle])
+    donor_of = derangement(len(train_idx), rng)
+    writer = ArrayStoreWriter(out_dir, (size, size), np.uint8, shard_size,
+                              attrs={"policy": p.policy, "cycle": cycle, "rows": "train"})
+    for start in range(0, len(train_idx), batch_size):
+        local = np.arange(start, min(start + batch_size, len(train_idx)))
+        imgs, anat = images.read(train_idx[local]), masks.read(train_idx[local])
+        if p.policy == "counterfactual":
+            batch = counterfactual(imgs, images.read(train_idx[donor_of[local]]), anat, hot, p)
+        elif p.policy == "overlay":
+            batch = overlay(imgs, anat, upsample(cams.read(local), size), targets[local], p)
+        else:
+            batch = suppress(imgs, anat, p)
+        writer.append(batch)
+    stats.update({"policy": p.policy, "n_images": int(len(train_idx))})
+    return writer.close(), stats, atlas
+
+
+class _Subset:
+    """A store view restricted to some rows (so the atlas reads masks of training images only)."""
+
+    def __init__(self, store: ArrayStore, idx: np.ndarray):
+        self.store, self.idx, self.item_shape = store, idx, store.item_shape
+
+    def read(self, local: np.ndarray) -> np.ndarray:
+        return self.store.read(self.idx[local])
+
+
+def class_separability(images: np.ndarray, region: np.ndarray, y: np.ndarray) -> dict:
+    """How well simple statistics alone separate the classes: AUROC (folded to >= 0.5) per statistic.
+
+    Rule 1 of DESIGN.md: enhancement must not make any of these better than on the raw images.
+    """
+    from sklearn.metrics import roc_auc_score
+
+    known = ~np.isnan(y)
+    y, images, region = y[known], images[known].astype(np.float32), region[known]
+    stats = {
+        "mean_intensity": images.mean(axis=(1, 2)),
+        "mean_in_anatomy": (images * region).sum(axis=(1, 2)) / np.maximum(region.sum(axis=(1, 2)), 1),
+        "mean_outside_anatomy": (images * ~region).sum(axis=(1, 2)) / np.maximum((~region).sum(axis=(1, 2)), 1),
+        "std_intensity": images.std(axis=(1, 2)),
+    }
+    if len(np.unique(y)) < 2:
+        return {k: None for k in stats}
+    out = {}
+    for name, values in stats.items():
+        auc = roc_auc_score(y, values)
+        out[name] = float(max(auc, 1 - auc))
+    return out

@@ -1,0 +1,148 @@
+"""Score one cycle's model on the *unmodified* images: accuracy and where it looks.
+
+Thresholds come from the checkpoint (chosen on val during training), never from test.
+"""
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pandas as pd
+import torch
+
+from pipeline.cam.library import LabelCAM, downsample
+from pipeline.config import Params
+from pipeline.data.dataset import iterate_batches, predict
+from pipeline.data.labels import anatomy_of
+from pipeline.data.manifest import label_matrix, rows
+from pipeline.data.record import decode_anatomy
+from pipeline.data.store import ArrayStore
+from pipeline.metrics.classification import classification_metrics, roc_curve_points
+from pipeline.metrics.faithfulness import road_score
+from pipeline.metrics.localization import boxes_to_mask, cam_iou, energy_share, pointing_game_hit
+from pipeline.metrics.sanity import cascading_randomization
+
+log = logging.getLogger(__name__)
+
+
+def _mean(values) -> float | None:
+    values = [v for v in values if v is not None]
+    return float(np.mean(values)) if values else None
+
+
+def test_cams(model, arch: str, store: ArrayStore, idx: np.ndarray, num_labels: int, method: str,
+              batch_size: int = 64) -> np.ndarray:
+    """Full-resolution CAMs (n, L, S, S) float32 for a modest number of images."""
+    cam = LabelCAM(model, arch, method)
+    try:
+        return np.concatenate([cam(x, num_labels) for x, _, _ in iterate_batches(store, idx, None, batch_size)])
+    finally:
+        cam.release()
+
+
+def localisation(cams: np.ndarray, anatomy: np.ndarray, targets: np.ndarray, image_ids: list[str],
+                 boxes: pd.DataFrame, labels: list[str], tolerance_px: int) -> dict:
+    """Energy in the label's anatomy, pointing game and IoU vs boxes, over positive (image, label) pairs."""
+    by_image = {k: g for k, g in boxes.groupby("image_id")} if len(boxes) else {}
+    per_label = {}
+    all_share, all_hit, all_iou = [], [], []
+    for k, label in enumerate(labels):
+        structure = anatomy_of(label)
+        shares, hits, ious = [], [], []
+        for i in np.flatnonzero(targets[:, k] == 1):
+            cam = cams[i, k]
+            shares.append(energy_share(cam, decode_anatomy(anatomy[i], structure)))
+            g = by_image.get(image_ids[i])
+            if g is not None:
+                b = g[g["label"] == label]
+                if len(b):
+                    box_mask = boxes_to_mask(list(b[["x", "y", "w", "h"]].itertuples(index=False, name=None)),
+                                             cam.shape)
+                    hits.append(float(pointing_game_hit(cam, box_mask, tolerance_px)))
+                    ious.append(cam_iou(cam, box_mask))
+        per_label[label] = {"cam_in_anatomy": _mean(shares), "pointing_game": _mean(hits), "iou": _mean(ious),
+                            "n_positive": len(shares), "n_boxes": len(hits)}
+        all_share += shares
+        all_hit += hits
+        all_iou += ious
+    return {"cam_in_anatomy": _mean(all_share), "pointing_game": _mean(all_hit), "iou": _mean(all_iou),
+            "per_label": per_label}
+
+
+def evaluate_cycle(model, meta: dict, params: Params, manifest: pd.DataFrame, boxes: pd.DataFrame,
+                   images: ArrayStore, masks: ArrayStore, grid_ids: list[str]) -> tuple[dict, dict]:
+    """(scores, grid): every score of DESIGN.md for one model, JSON-ready (null where a dataset cannot
+    give a figure), and the fixed grid images' CAMs for the report."""
+    labels, arch = meta["labels"], meta["arch"]
+    thresholds = np.asarray(meta["thresholds"], dtype=np.float64)
+    ev = params.evaluate
+    out: dict = {"cycle": meta["cycle"], "labels": labels}
+    splits = {}
+    for split in ("test", "test_shifted"):
+        idx = rows(manifest, split)
+        if len(idx) == 0:
+            continue
+        y = label_matrix(manifest.iloc[idx], labels)
+        probs = predict(model, images, idx)
+        splits[split] = classification_metrics(y, probs, thresholds, labels)
+        splits[split]["roc"] = {lab: roc_curve_points(y[:, k], probs[:, k]) for k, lab in enumerate(labels)}
+    test = splits.get("test")
+    if test is None:
+        raise ValueError("the manifest has no test split to evaluate on")
+    shifted = splits.get("test_shifted")
+    out.update({k: test[k] for k in ("auroc_macro", "accuracy", "f1", "sensitivity", "specificity")})
+    out["accuracy_shifted"] = shifted["accuracy"] if shifted else None
+    out["auroc_shifted"] = shifted["auroc_macro"] if shifted else None
+    out["shortcut_gap"] = (out["accuracy"] - out["accuracy_shifted"]
+                           if shifted and out["accuracy"] is not None and out["accuracy_shifted"] is not None else None)
+
+    # where the model looks, on unmodified test images
+    test_idx = rows(manifest, "test")[: ev.n_cam_images]
+    cams = test_cams(model, arch, images, test_idx, len(labels), params.cam.method)
+    loc = localisation(cams, masks.read(test_idx), label_matrix(manifest.iloc[test_idx], labels),
+                       manifest["image_id"].iloc[test_idx].tolist(), boxes, labels, ev.pointing_tolerance_px)
+    out.update({k: loc[k] for k in ("cam_in_anatomy", "pointing_game", "iou")})
+
+    # faithfulness (ROAD) per label on positives, and the sanity check
+    road = {}
+    y_test = label_matrix(manifest.iloc[test_idx], labels)
+    x_all = None
+    for k, label in enumerate(labels):
+        pos = np.flatnonzero(y_test[:, k] == 1)[: ev.n_faithfulness_images]
+        if len(pos) == 0:
+            road[label] = None
+            continue
+        x_all = next(iterate_batches(images, test_idx[pos], None, len(pos)))[0]
+        road[label] = float(road_score(model, x_all, cams[pos, k], k))
+    out["faithfulness"] = _mean(road.values())
+    sanity_idx = test_idx[: ev.n_sanity_images]
+    x_sanity = next(iterate_batches(images, sanity_idx, None, len(sanity_idx)))[0]
+
+    def cam_fn(m, x):
+        c = LabelCAM(m, arch, params.cam.method)
+        try:
+            return torch.from_numpy(c(x, len(labels)))
+        finally:
+            c.release()
+
+    sanity = cascading_randomization(model, x_sanity, cam_fn, seed=params.train.seed)
+    out["sanity_rank_corr"] = sanity["final_rank_corr"]
+    out["sanity"] = sanity
+
+    out["per_label"] = {
+        label: {**{f"test_{k}": v for k, v in test["per_label"][label].items()},
+                **({f"shifted_{k}": v for k, v in shifted["per_label"][label].items()} if shifted else {}),
+                **loc["per_label"][label], "faithfulness": road[label]}
+        for label in labels
+    }
+    out["roc"] = {split: s["roc"] for split, s in splits.items()}
+
+    # low-res CAMs of the fixed grid images, for the report's per-cycle and before/after grids
+    pos_of = {iid: i for i, iid in enumerate(manifest["image_id"].tolist())}
+    grid_idx = np.asarray([pos_of[i] for i in grid_ids if i in pos_of], dtype=np.int64)
+    grid = {"image_ids": [manifest["image_id"].iloc[i] for i in grid_idx]}
+    if len(grid_idx):
+        grid_cams = test_cams(model, arch, images, grid_idx, len(labels), params.cam.method)
+        grid["probs"] = predict(model, images, grid_idx).round(4).tolist()
+        grid["cams"] = downsample(grid_cams, params.cam.size)
+    return out, grid

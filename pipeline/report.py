@@ -1,0 +1,178 @@
+"""The run's report: reports/summary.json, reports/index.html with pictures, models/latest.json."""
+from __future__ import annotations
+
+import html
+import logging
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from pipeline import figures
+from pipeline.config import Params, Paths
+from pipeline.cycle_control import decide
+from pipeline.data.manifest import label_matrix
+from pipeline.data.store import ArrayStore
+from pipeline.io import read_json, write_json, write_text
+
+log = logging.getLogger(__name__)
+
+SUMMARY_KEYS = ("cycle", "auroc_macro", "accuracy", "f1", "sensitivity", "specificity", "cam_in_anatomy",
+                "pointing_game", "iou", "accuracy_shifted", "shortcut_gap", "faithfulness", "sanity_rank_corr")
+TABLE_KEYS = ("auroc_macro", "accuracy", "accuracy_shifted", "shortcut_gap", "pointing_game", "cam_in_anatomy",
+              "iou", "faithfulness", "sanity_rank_corr")
+
+
+def load_cycles(paths: Paths, cycle_ids: list[int], last_cycle: int | None = None) -> list[dict]:
+    out = []
+    for k in cycle_ids:
+        if last_cycle is not None and k > last_cycle:
+            break
+        f = paths.cycle_report(k) / "metrics.json"
+        if not f.is_file():
+            break  # cycles run in order: the first missing one ends the history
+        out.append(read_json(f))
+    return out
+
+
+def summary(params: Params, cycles: list[dict], stop_reason: str | None) -> dict:
+    return {
+        "dataset": params.data.source,
+        "labels": cycles[0]["labels"] if cycles else [],
+        "cycles": [{**{k: c.get(k) for k in SUMMARY_KEYS}, "per_label": c.get("per_label", {})} for c in cycles],
+        "stop_reason": stop_reason,
+    }
+
+
+def format_table(cycles: list[dict]) -> str:
+    """The per-cycle table printed by `make run` and shown in the report."""
+    head = ["cycle", *TABLE_KEYS]
+    lines = [" ".join(f"{h:>16}" if i else f"{h:>5}" for i, h in enumerate(head))]
+    for c in cycles:
+        cells = [f"{c['cycle']:>5}"] + [f"{'-' if c.get(k) is None else format(c[k], '.3f'):>16}" for k in TABLE_KEYS]
+        lines.append(" ".join(cells))
+    return "\n".join(lines)
+
+
+def _html_table(cycles: list[dict]) -> str:
+    head = "".join(f"<th>{html.escape(k)}</th>" for k in ("cycle", *TABLE_KEYS))
+    body = "".join("<tr>" + f"<td>{c['cycle']}</td>" + "".join(
+        f"<td>{'—' if c.get(k) is None else f'{c[k]:.3f}'}</td>" for k in TABLE_KEYS) + "</tr>" for c in cycles)
+    return f"<table><tr>{head}</tr>{body}</table>"
+
+
+def _grid_images(paths: Paths, image_ids: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    manifest = pd.read_parquet(paths.manifest)
+    pos = {iid: i for i, iid in enumerate(manifest["image_id"])}
+    idx = np.asarray([pos[i] for i in image_ids], dtype=np.int64)
+    return ArrayStore(paths.images).read(idx), idx
+
+
+def build_report(params: Params, paths: Paths, stop_reason: str | None = None,
+                 last_cycle: int | None = None) -> dict:
+    """Write summary.json, latest.json, figures and index.html from the evaluated cycles (up to last_cycle)."""
+    cycles = load_cycles(paths, params.cycle_ids(), last_cycle)
+    if not cycles:
+        raise ValueError("no evaluated cycle found under reports/cycles; run the evaluate stages first")
+    decision = decide(cycles, params.flow)
+    if stop_reason is None:
+        stop_reason = decision.reason or f"completed all {len(cycles) - 1} refinement cycles"
+    result = summary(params, cycles, stop_reason)
+    labels = result["labels"]
+    fig_dir = paths.root / "reports" / "figures"
+
+    manifest = pd.read_parquet(paths.manifest)
+    grids = {c["cycle"]: np.load(paths.cycle_report(c["cycle"]) / "grid.npz") for c in cycles}
+    first, last = cycles[0]["cycle"], cycles[-1]["cycle"]
+    image_ids = [str(i) for i in grids[first]["image_ids"]]
+    pictures: list[tuple[str, str]] = []
+    if image_ids:
+        imgs, idx = _grid_images(paths, image_ids)
+        truth = label_matrix(manifest, labels)[idx]
+        for c, g in grids.items():
+            name = f"cam_grid_c{c}.png"
+            figures.save_cam_grid(fig_dir / name, imgs, g["cams"], labels, truth, g["probs"],
+                                  f"cycle {c}: Grad-CAM per label on fixed test images")
+            pictures.append((f"Cycle {c}: heatmaps of the fixed test images", name))
+        figures.save_before_after_cams(fig_dir / "before_after.png", imgs, grids[first]["cams"],
+                                       grids[last]["cams"], truth, labels, first, last)
+        pictures.insert(0, ("Before / after: cycle 0 vs the latest cycle", "before_after.png"))
+    figures.save_trends(fig_dir / "trends.png", cycles, list(TABLE_KEYS))
+    pictures.insert(0, ("Scores across cycles (unmodified test images)", "trends.png"))
+    rocs = {c["cycle"]: read_json(paths.cycle_report(c["cycle"]) / "roc.json") for c in cycles}
+    for split in ("test", "test_shifted"):
+        if split in rocs[first]:
+            figures.save_roc(fig_dir / f"roc_{split}.png", rocs, split)
+            pictures.append((f"ROC on {split}", f"roc_{split}.png"))
+    for c in (first, last):
+        figures.save_confusions(fig_dir / f"confusion_c{c}.png", cycles[c - first]["per_label"], labels, c)
+        pictures.append((f"Cycle {c}: confusion matrices at the val-chosen thresholds", f"confusion_c{c}.png"))
+    histories = {c["cycle"]: pd.read_csv(p) for c in cycles
+                 if (p := paths.root / "reports" / "train" / f"c{c['cycle']}" / "history.csv").is_file()}
+    if histories:
+        figures.save_loss_curves(fig_dir / "loss_curves.png", histories)
+        pictures.append(("Loss curves (train and unmodified val)", "loss_curves.png"))
+
+    seg = paths.segment_report / "metrics.json"
+    seg_scores = read_json(seg) if seg.is_file() else None
+    enhance_stats = {c["cycle"]: read_json(p) for c in cycles[1:]
+                     if (p := paths.root / "reports" / "enhance" / f"c{c['cycle']}" / "stats.json").is_file()}
+    result["segmentation"] = seg_scores
+    write_json(paths.summary, result)
+    serve = cycles[[c["cycle"] for c in cycles].index(decision.serve_cycle)]
+    write_json(paths.latest, {"cycle": serve["cycle"], "checkpoint": serve["model"]["path"],
+                              "sha256": serve["model"]["sha256"], "baseline": cycles[0]["model"]["path"],
+                              "metrics": {k: serve.get(k) for k in SUMMARY_KEYS}, "model": serve["model"],
+                              "stop_reason": stop_reason})
+    write_text(paths.root / "reports" / "index.html",
+               _html(params, result, cycles, pictures, seg_scores, enhance_stats, decision.serve_cycle))
+    log.info("report written: %d cycles, serving c%d; %s", len(cycles), decision.serve_cycle, stop_reason)
+    return result
+
+
+def _html(params: Params, result: dict, cycles: list[dict], pictures, seg, enhance_stats, serve) -> str:
+    esc = html.escape
+    parts = [
+        "<!doctype html><meta charset='utf-8'><title>CXR refinement report</title>",
+        "<style>body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto}"
+        "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}"
+        "img{max-width:100%}</style>",
+        f"<h1>Refinement report — {esc(result['dataset'])}</h1>",
+        f"<p>Labels: {esc(', '.join(result['labels']))}. Enhancement policy: <b>{esc(params.enhance.policy)}</b>. "
+        f"Stop: {esc(result['stop_reason'])}. Served model: cycle {serve}.</p>",
+        "<p>Every figure is measured on <b>unmodified</b> test images. <i>accuracy_shifted</i> is accuracy on "
+        "<code>test_shifted</code>, where a planted shortcut (phantom) disagrees with the label; "
+        "<i>shortcut_gap</i> = accuracy − accuracy_shifted. <i>pointing_game</i>: share of positive findings "
+        "whose heatmap peak falls in the ground-truth box; <i>cam_in_anatomy</i>: share of heatmap energy in "
+        "the label's anatomy (lungs, or heart for cardiomegaly); <i>sanity_rank_corr</i>: rank correlation "
+        "with a randomised model's heatmaps (should be &lt; 0.2).</p>",
+        _html_table(cycles),
+    ]
+    if seg:
+        parts.append(f"<h2>Anatomy U-Net (held-out val)</h2><p>{esc(str(seg['val']))}</p>")
+    for c, st in enhance_stats.items():
+        sep = "; ".join(f"{lab}: mean-in-anatomy AUROC raw {v['raw'].get('mean_in_anatomy')} → enhanced "
+                        f"{v['enhanced'].get('mean_in_anatomy')}" for lab, v in st.get("separability", {}).items())
+        parts.append(f"<h3>Enhancement c{c} ({esc(st['policy'])})</h3><p>CAM energy in anatomy "
+                     f"{st.get('mean_cam_in_anatomy')}; decorrelated-first area {st.get('hot_fraction'):.3f}. "
+                     f"Class separability by simple statistics: {esc(sep)}</p>"
+                     f"<img src='enhance/c{c}/atlas.png'> <img src='enhance/c{c}/examples.png'>")
+    for title, name in pictures:
+        parts.append(f"<h2>{esc(title)}</h2><img src='figures/{esc(name)}'>")
+    return "\n".join(parts)
+
+
+def main() -> None:
+    """`python -m pipeline.report`: print the per-cycle table of reports/summary.json."""
+    import sys
+
+    path = Paths().summary
+    if not path.is_file():
+        sys.exit(f"{path} not found: run `make run` (or `dvc repro`) first")
+    result = read_json(path)
+    sys.stdout.write(f"dataset: {result['dataset']}  labels: {', '.join(result['labels'])}\n")
+    sys.stdout.write(format_table(result["cycles"]) + f"\nstop: {result['stop_reason']}\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,21 @@
+"""DVC stage `report`: summary.json, index.html, figures and models/latest.json; prints the table."""
+import logging
+
+from pipeline.report import build_report, format_table
+from pipeline.stages.common import stage_main
+
+log = logging.getLogger(__name__)
+
+
+def run(params, paths, args) -> None:
+    result = build_report(params, paths, stop_reason=args.stop_reason, last_cycle=args.last_cycle)
+    log.info("per-cycle results (unmodified test images):\n%s", format_table(result["cycles"]))
+
+
+def _args(parser) -> None:
+    parser.add_argument("--stop-reason", default=None, help="set by the Prefect flow when it stopped early")
+    parser.add_argument("--last-cycle", type=int, default=None, help="ignore evaluated cycles after this one")
+
+
+if __name__ == "__main__":
+    stage_main("report", run, _args)

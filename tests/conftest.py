@@ -1,0 +1,64 @@
+"""Shared fixtures: offline settings, a Prefect test harness, and a tiny params file."""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+os.environ.setdefault("DVC_NO_ANALYTICS", "1")
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("CXR_LOG_LEVEL", "WARNING")
+
+
+def tiny_params() -> dict:
+    """The default params, shrunk so a whole 2-cycle run takes well under a minute."""
+    p = yaml.safe_load((ROOT / "params.yaml").read_text())
+    p["data"].update(image_size=64, shard_size=64)
+    p["phantom"].update(n_patients=90)
+    p["segment"].update(n_train=48, epochs=3, size=32)
+    p["train"].update(epochs=2, finetune_epochs=1, batch_size=32)
+    p["evaluate"].update(n_cam_images=24, n_sanity_images=4, n_faithfulness_images=4)
+    p["report"].update(grid_images=3)
+    p["cycles"] = {"c1": {"id": 1, "prev": 0}, "c2": {"id": 2, "prev": 1}}
+    return p
+
+
+def make_project(dest: Path, params: dict) -> Path:
+    """A fresh git + DVC project with this repo's code and the given params."""
+    dest.mkdir(parents=True, exist_ok=True)
+    for name in ("pipeline", "flows"):
+        shutil.copytree(ROOT / name, dest / name, ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy(ROOT / "dvc.yaml", dest / "dvc.yaml")
+    (dest / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    env = {**os.environ, "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t",
+           "GIT_COMMITTER_EMAIL": "t@t"}
+    for cmd in (["git", "init", "-q"], [sys.executable, "-m", "dvc", "init", "-q"],
+                [sys.executable, "-m", "dvc", "config", "core.analytics", "false"],
+                ["git", "add", "-A"], ["git", "commit", "-qm", "init"]):
+        subprocess.run(cmd, cwd=dest, check=True, env=env, capture_output=True)
+    return dest
+
+
+@pytest.fixture(scope="session")
+def prefect_harness(tmp_path_factory):
+    os.environ["PREFECT_HOME"] = str(tmp_path_factory.mktemp("prefect_home"))
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness():
+        yield
+
+
+@pytest.fixture
+def params_file(tmp_path) -> Path:
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(tiny_params(), sort_keys=False))
+    return path

@@ -1,0 +1,41 @@
+import pytest
+import yaml
+
+from pipeline.config import ConfigError, load_params
+from tests.conftest import tiny_params
+
+
+def write(tmp_path, p):
+    f = tmp_path / "params.yaml"
+    f.write_text(yaml.safe_dump(p))
+    return f
+
+
+def test_defaults_load(tmp_path):
+    params = load_params(write(tmp_path, tiny_params()))
+    assert params.cycle_ids() == [0, 1, 2]
+    assert params.train.arch == "tinyvgg"
+
+
+@pytest.mark.parametrize("mutate, needle", [
+    (lambda p: p["train"].update(arch="nope"), "train.arch: unknown architecture 'nope'"),
+    (lambda p: p["data"].update(source="chexpert", root="/does/not/exist"), "data: root '/does/not/exist'"),
+    (lambda p: p["data"].update(source="chexpert"), "data: root is required"),
+    (lambda p: p.update(cycles={"c1": {"id": 1, "prev": 0}, "c2": {"id": 2, "prev": 0}}), "cycles: c2.prev=0 breaks the chain"),
+    (lambda p: p.update(cycles={"c1": {"id": 1, "prev": 0}, "c3": {"id": 3, "prev": 2}}), "cycles: c3.prev=2 breaks the chain"),
+    (lambda p: p["enhance"].update(policy="magic"), "enhance.policy"),
+    (lambda p: p["train"].update(epochs=0), "train.epochs"),
+    (lambda p: p["train"].update(bogus=1), "train.bogus"),
+])
+def test_bad_params_fail_with_one_line_naming_the_param(tmp_path, mutate, needle):
+    p = tiny_params()
+    mutate(p)
+    with pytest.raises(ConfigError) as err:
+        load_params(write(tmp_path, p))
+    msg = str(err.value)
+    assert needle in msg and "\n" not in msg
+
+
+def test_missing_params_file(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        load_params(tmp_path / "nope.yaml")
