@@ -68,7 +68,7 @@ def train_unet(p: SegmentParams, images: ArrayStore, masks: ArrayStore, train_id
             loss.backward()
             opt.step()
             sched.step()
-            total += float(loss) * len(b)
+            total += float(loss.detach()) * len(b)
         log.info("unet epoch %d/%d loss %.4f", epoch + 1, p.epochs, total / len(order))
     return net.eval()
 

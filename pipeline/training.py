@@ -124,7 +124,7 @@ def train_classifier(model: nn.Module, spec: TrainSpec, labels: list[str],
             loss.backward()
             opt.step()
             sched.step()
-            total += float(loss) * len(x)
+            total += float(loss.detach()) * len(x)
             n += len(x)
         probs = predict(model, val_store, val_idx, spec.batch_size * 2)
         score, val_loss = _val_score(val_targets, probs, labels)

@@ -1,0 +1,114 @@
+"""A whole 2-cycle run on a tiny phantom, through `dvc repro` and through the Prefect flow."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+
+from pipeline.report import SUMMARY_KEYS
+from tests.conftest import make_project, tiny_params
+
+
+def dvc(project, *args, check=True):
+    return subprocess.run([sys.executable, "-m", "dvc", *args], cwd=project, capture_output=True, text=True,
+                          check=check)
+
+
+@pytest.fixture(scope="module")
+def repro_project(tmp_path_factory):
+    project = make_project(tmp_path_factory.mktemp("proj"), tiny_params())
+    proc = dvc(project, "repro", check=False)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return project
+
+
+def test_outputs_and_summary_schema(repro_project):
+    p = repro_project
+    summary = json.loads((p / "reports" / "summary.json").read_text())
+    assert summary["dataset"] == "phantom"
+    assert summary["labels"] == ["Cardiomegaly", "Lung Lesion", "Pneumonia", "Pleural Effusion"]
+    assert [c["cycle"] for c in summary["cycles"]] == [0, 1, 2]
+    for c in summary["cycles"]:
+        assert set(SUMMARY_KEYS) <= set(c)
+        assert 0.0 <= c["auroc_macro"] <= 1.0 and 0.0 <= c["accuracy"] <= 1.0
+        assert c["shortcut_gap"] == pytest.approx(c["accuracy"] - c["accuracy_shifted"])
+        assert c["pointing_game"] is not None and c["sanity_rank_corr"] is not None
+        assert set(c["per_label"]) == set(summary["labels"])
+    assert summary["stop_reason"]
+    latest = json.loads((p / "models" / "latest.json").read_text())
+    assert (p / latest["checkpoint"]).is_file() and latest["cycle"] in (0, 1, 2)
+    for k in (0, 1, 2):
+        meta = json.loads((p / "models" / f"c{k}" / "model.json").read_text())
+        assert meta["cycle"] == k and len(meta["thresholds"]) == 4
+        assert (meta["parent"] or {}).get("cycle") == (k - 1 if k else None)
+    assert (p / "reports" / "index.html").read_text().count("<img") >= 6
+    assert (p / "reports" / "figures" / "before_after.png").stat().st_size > 1000
+
+
+def test_manifest_contract(repro_project):
+    m = pd.read_parquet(repro_project / "data" / "prepared" / "manifest.parquet")
+    assert set(m["split"]) == {"train", "val", "test", "test_shifted"}
+    assert m.groupby("patient_id")["split"].nunique().max() == 1
+    assert m["No Finding"].isna().all() and m["Pneumonia"].notna().all()
+    # the planted marker agrees with its label in test, disagrees in test_shifted
+    for split, agree in (("test", True), ("test_shifted", False)):
+        s = m[m["split"] == split]
+        rate = (s["marker_Pneumonia"] == s["Pneumonia"]).mean()
+        assert (rate > 0.75) if agree else (rate < 0.25)
+
+
+def test_second_repro_runs_nothing_and_is_fast(repro_project):
+    t = time.time()
+    proc = dvc(repro_project, "repro")
+    assert time.time() - t < 20
+    assert "Running stage" not in proc.stdout
+    status = dvc(repro_project, "status")
+    assert "changed" not in status.stdout
+
+
+def test_enhance_param_reruns_only_downstream(repro_project):
+    p = repro_project
+    params = yaml.safe_load((p / "params.yaml").read_text())
+    params["enhance"]["feather"] = 2.0
+    (p / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    proc = dvc(p, "repro", "--dry")
+    ran = {line.split("'")[1] for line in proc.stdout.splitlines() if line.startswith("Running stage")}
+    assert ran == {"enhance@c1", "train@c1", "evaluate@c1", "cam@c2", "enhance@c2", "train@c2",
+                   "evaluate@c2", "report"}, proc.stdout
+
+
+def test_metrics_show(repro_project):
+    proc = dvc(repro_project, "metrics", "show", "--json")
+    data = json.loads(proc.stdout)
+    files = next(iter(data.values()))["data"]
+    assert any(f.endswith("c2/metrics.json") for f in files)
+
+
+def test_flow_runs_the_same_stages(prefect_harness, tmp_path):
+    from flows.refine import refine
+
+    params = tiny_params()
+    params["cycles"] = {"c1": {"id": 1, "prev": 0}}
+    project = make_project(tmp_path / "flowproj", params)
+    result = refine(root=str(project))
+    assert [c["cycle"] for c in result["cycles"]] == [0, 1]
+    assert "Running stage" not in dvc(project, "repro").stdout  # the flow left dvc's lock complete
+    np.testing.assert_equal(json.loads((project / "reports" / "summary.json").read_text()), result)
+
+
+def test_flow_fails_fast_on_bad_params(prefect_harness, tmp_path):
+    from flows.refine import refine
+    from pipeline.config import ConfigError
+
+    params = tiny_params()
+    params["train"]["arch"] = "nope"
+    project = make_project(tmp_path / "bad", params)
+    with pytest.raises(ConfigError, match="train.arch"):
+        refine(root=str(project))
+    assert not (project / "data" / "prepared").exists()
