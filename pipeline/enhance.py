@@ -77,10 +77,10 @@ def derangement(n: int, rng: np.random.Generator) -> np.ndarray:
     if n < 2:
         return np.arange(n)
     perm = rng.permutation(n)
-    fixed = np.flatnonzero(perm == np.arange(n))
-    for i in fixed:  # swap each fixed point with a neighbour: still a permutation, now fixed-point free
-        j = (i + 1) % n
-        perm[i], perm[j] = perm[j], perm[i]
+    for i in np.flatnonzero(perm == np.arange(n)):
+        if perm[i] == i:  # swapping with any j != i fixes i and cannot create a new fixed point
+            j = (i + 1) % n
+            perm[i], perm[j] = perm[j], perm[i]
     return perm
 
 
