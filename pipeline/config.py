@@ -69,7 +69,7 @@ class SegmentParams(_Section):
     encoder: str = "resnet18"
     size: int = Field(64, ge=32)
     n_train: int = Field(400, ge=4)
-    epochs: int = Field(12, ge=1)
+    epochs: int = Field(8, ge=1)
     batch_size: int = Field(32, ge=1)
     lr: float = Field(3e-3, gt=0)
     seed: int = 0
@@ -134,7 +134,7 @@ class EnhanceParams(_Section):
 class EvaluateParams(_Section):
     n_cam_images: int = Field(400, ge=1)      # test images scored for localisation
     n_sanity_images: int = Field(16, ge=1)
-    n_faithfulness_images: int = Field(6, ge=1)   # ROAD costs ~0.9 s per image at 128 px
+    n_faithfulness_images: int = Field(4, ge=1)   # ROAD costs ~0.9 s per image at 128 px
     pointing_tolerance_px: int = Field(2, ge=0)
 
 

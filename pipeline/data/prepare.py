@@ -31,16 +31,23 @@ def source_module(name: str):
 
 
 def _choose_grid(manifest: pd.DataFrame, labels: list[str], seed: int) -> list[str]:
-    """Up to GRID_MAX test images, positives of each label first, so every label is shown."""
+    """Up to GRID_MAX test images, taking one positive of each label in turn, so that any prefix
+    of the grid shows every label; negatives fill the rest."""
     test = manifest[manifest["split"] == "test"]
     rng = np.random.default_rng(seed)
-    chosen: list[str] = []
-    per_label = max(1, GRID_MAX // (2 * max(1, len(labels))))
+    pools = []
     for label in labels:
         pos = test[test[label] == 1.0]["image_id"].tolist()
         rng.shuffle(pos)
-        chosen += [i for i in pos[:per_label] if i not in chosen]
-    rest = [i for i in test["image_id"].tolist() if i not in chosen]
+        pools.append(pos)
+    chosen: list[str] = []
+    while len(chosen) < GRID_MAX and any(pools):
+        for pool in pools:
+            while pool and pool[0] in chosen:
+                pool.pop(0)
+            if pool and len(chosen) < GRID_MAX:
+                chosen.append(pool.pop(0))
+    rest = [i for i in test["image_id"].tolist() if i not in set(chosen)]
     rng.shuffle(rest)
     return (chosen + rest)[:GRID_MAX]
 
