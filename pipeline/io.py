@@ -9,6 +9,10 @@ from pathlib import Path
 from typing import Any, Iterator
 
 
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
+
 @contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temp path in the target's directory; on success `os.replace` it into place."""
@@ -18,10 +22,20 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     os.close(fd)
     try:
         yield Path(tmp)
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp creates 0600; outputs get the usual permissions
         os.replace(tmp, target)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def remove_stale_temps(directory: str | os.PathLike) -> int:
+    """Delete temp files a killed writer left in `directory` (they were never visible as outputs)."""
+    d = Path(directory)
+    stale = list(d.glob(".*.tmp")) if d.is_dir() else []
+    for f in stale:
+        f.unlink(missing_ok=True)
+    return len(stale)
 
 
 def write_bytes(path: str | os.PathLike, data: bytes) -> None:

@@ -22,6 +22,7 @@ from pipeline.data.dataset import iterate_batches, predict
 from pipeline.data.store import ArrayStore
 from pipeline.data.transforms import augmentation
 from pipeline.metrics.classification import choose_thresholds, classification_metrics
+from pipeline.io import remove_stale_temps
 from pipeline.models.checkpoint import load_tensors, save_tensors
 
 log = logging.getLogger(__name__)
@@ -96,6 +97,7 @@ def train_classifier(model: nn.Module, spec: TrainSpec, labels: list[str],
     start_epoch = 0
 
     resume_path = Path(resume_dir) / RESUME_FILE
+    remove_stale_temps(resume_dir)
     if resume_path.is_file():
         tensors, meta = load_tensors(resume_path)
         if meta.get("fingerprint") == fingerprint:

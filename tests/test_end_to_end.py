@@ -77,7 +77,7 @@ def test_enhance_param_reruns_only_downstream(repro_project):
     params = yaml.safe_load((p / "params.yaml").read_text())
     params["enhance"]["feather"] = 2.0
     (p / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    proc = dvc(p, "repro", "--dry")
+    proc = dvc(p, "repro")
     ran = {line.split("'")[1] for line in proc.stdout.splitlines() if line.startswith("Running stage")}
     assert ran == {"enhance@c1", "train@c1", "evaluate@c1", "cam@c2", "enhance@c2", "train@c2",
                    "evaluate@c2", "report"}, proc.stdout
