@@ -23,6 +23,7 @@ $(STAMP): pyproject.toml
 
 run: $(STAMP)  ## the whole refinement cycle on the defaults (phantom), via the Prefect flow
 	@test -d .git || git init -q
+	@$(BIN)/python -m pipeline.config params.yaml
 	$(BIN)/python -m flows.refine
 	@$(BIN)/python -m pipeline.report
 

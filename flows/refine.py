@@ -15,7 +15,7 @@ from pathlib import Path
 
 from prefect import flow, get_run_logger, task
 
-from pipeline.config import Paths, load_params
+from pipeline.config import ConfigError, Paths, load_params
 from pipeline.cycle_control import decide
 from pipeline.io import read_json
 from pipeline.report import TABLE_KEYS, format_table
@@ -54,13 +54,13 @@ def refine(root: str = ".", params_file: str = "params.yaml") -> dict:
     step = repro.with_options(retries=params.flow.retries, retry_delay_seconds=2)
     for stage in ("prepare", "segment", "train_baseline", "evaluate_baseline"):
         step(stage, root)
-    history = [read_json(paths.cycle_report(0) / "metrics.json")]
+    history = [read_json(paths.cycle_metrics(0))]
     logger.info("cycle 0: %s", {k: history[-1].get(k) for k in TABLE_KEYS})
     stopped = None
     for k in params.cycle_ids()[1:]:
         for stage in ("cam", "enhance", "train", "evaluate"):
             step(f"{stage}@c{k}", root)
-        history.append(read_json(paths.cycle_report(k) / "metrics.json"))
+        history.append(read_json(paths.cycle_metrics(k)))
         logger.info("cycle %d: %s", k, {key: history[-1].get(key) for key in TABLE_KEYS})
         decision = decide(history, params.flow)
         if decision.stop and k != params.cycle_ids()[-1]:
@@ -81,6 +81,10 @@ def main() -> None:
     parser.add_argument("--root", default=".")
     parser.add_argument("--params", default="params.yaml")
     args = parser.parse_args()
+    try:  # a wrong param is one line on stderr, before the flow (or its temporary server) starts
+        load_params(Path(args.root) / args.params)
+    except ConfigError as err:
+        sys.exit(f"error: {err}")
     refine(root=args.root, params_file=args.params)
 
 

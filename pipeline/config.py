@@ -261,6 +261,14 @@ class Paths:
     def cycle_report(self, cycle: int) -> Path:
         return self.root / "reports" / "cycles" / f"c{cycle}"
 
+    def cycle_metrics(self, cycle: int) -> Path:
+        """Headline scores only (what `dvc metrics show/diff` lists)."""
+        return self.cycle_report(cycle) / "metrics.json"
+
+    def cycle_scores(self, cycle: int) -> Path:
+        """Every score of the cycle: per label, sanity steps, the model's metadata."""
+        return self.cycle_report(cycle) / "scores.json"
+
     def resume_dir(self, cycle: int) -> Path:
         return self.root / "models" / ".resume" / f"c{cycle}"
 
@@ -272,3 +280,20 @@ class Paths:
     @property
     def latest(self) -> Path:
         return self.root / "models" / "latest.json"
+
+
+def main() -> None:
+    """`python -m pipeline.config [params.yaml]`: validate params in a second, before a long run."""
+    import sys
+
+    path = sys.argv[1] if len(sys.argv) > 1 else "params.yaml"
+    try:
+        params = load_params(path)
+    except ConfigError as err:
+        sys.exit(f"error: {err}")
+    sys.stdout.write(f"{path}: ok (source {params.data.source}, arch {params.train.arch}, "
+                     f"{len(params.cycles)} refinement cycles)\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -24,6 +24,15 @@ from pipeline.metrics.sanity import cascading_randomization
 
 log = logging.getLogger(__name__)
 
+# the per-cycle figures of reports/summary.json (DESIGN.md), in that order
+SUMMARY_KEYS = ("cycle", "auroc_macro", "accuracy", "f1", "sensitivity", "specificity", "cam_in_anatomy",
+                "pointing_game", "iou", "accuracy_shifted", "shortcut_gap", "faithfulness", "sanity_rank_corr")
+
+
+def headline(scores: dict) -> dict:
+    """The scores `dvc metrics show/diff` compare across cycles and experiments (metrics.json)."""
+    return {k: scores.get(k) for k in (*SUMMARY_KEYS, "auroc_shifted")}
+
 
 def _mean(values) -> float | None:
     values = [v for v in values if v is not None]

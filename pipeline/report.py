@@ -13,22 +13,22 @@ from pipeline.config import Params, Paths
 from pipeline.cycle_control import decide
 from pipeline.data.manifest import label_matrix
 from pipeline.data.store import ArrayStore
+from pipeline.evaluation import SUMMARY_KEYS, headline
 from pipeline.io import read_json, write_json, write_text
 
 log = logging.getLogger(__name__)
 
-SUMMARY_KEYS = ("cycle", "auroc_macro", "accuracy", "f1", "sensitivity", "specificity", "cam_in_anatomy",
-                "pointing_game", "iou", "accuracy_shifted", "shortcut_gap", "faithfulness", "sanity_rank_corr")
 TABLE_KEYS = ("auroc_macro", "accuracy", "accuracy_shifted", "shortcut_gap", "pointing_game", "cam_in_anatomy",
               "iou", "faithfulness", "sanity_rank_corr")
 
 
 def load_cycles(paths: Paths, cycle_ids: list[int], last_cycle: int | None = None) -> list[dict]:
+    """Every evaluated cycle's full scores, in cycle order, up to `last_cycle`."""
     out = []
     for k in cycle_ids:
         if last_cycle is not None and k > last_cycle:
             break
-        f = paths.cycle_report(k) / "metrics.json"
+        f = paths.cycle_scores(k)
         if not f.is_file():
             break  # cycles run in order: the first missing one ends the history
         out.append(read_json(f))
@@ -122,7 +122,7 @@ def build_report(params: Params, paths: Paths, stop_reason: str | None = None,
     serve = cycles[[c["cycle"] for c in cycles].index(decision.serve_cycle)]
     write_json(paths.latest, {"cycle": serve["cycle"], "checkpoint": serve["model"]["path"],
                               "sha256": serve["model"]["sha256"], "baseline": cycles[0]["model"]["path"],
-                              "metrics": {k: serve.get(k) for k in SUMMARY_KEYS}, "model": serve["model"],
+                              "metrics": headline(serve), "model": serve["model"],
                               "stop_reason": stop_reason})
     write_text(paths.root / "reports" / "index.html",
                _html(params, result, cycles, pictures, seg_scores, enhance_stats, decision.serve_cycle))

@@ -2,9 +2,13 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
+import socket
 import subprocess
 import sys
 import time
+import urllib.request
 
 import numpy as np
 import pandas as pd
@@ -12,7 +16,7 @@ import pytest
 import yaml
 
 from pipeline.report import SUMMARY_KEYS
-from tests.conftest import make_project, tiny_params
+from tests.conftest import ROOT, make_project, tiny_params
 
 
 def dvc(project, *args, check=True):
@@ -83,11 +87,14 @@ def test_enhance_param_reruns_only_downstream(repro_project):
                    "evaluate@c2", "report"}, proc.stdout
 
 
-def test_metrics_show(repro_project):
+def test_metrics_show_lists_headline_scores_per_cycle(repro_project):
     proc = dvc(repro_project, "metrics", "show", "--json")
-    data = json.loads(proc.stdout)
-    files = next(iter(data.values()))["data"]
-    assert any(f.endswith("c2/metrics.json") for f in files)
+    files = next(iter(json.loads(proc.stdout).values()))["data"]
+    c2 = files["reports/cycles/c2/metrics.json"]["data"]
+    assert set(c2) == {*SUMMARY_KEYS, "auroc_shifted"} and c2["cycle"] == 2
+    summary = json.loads((repro_project / "reports" / "summary.json").read_text())
+    assert c2["accuracy_shifted"] == summary["cycles"][2]["accuracy_shifted"]
+    assert "reports/segment/metrics.json" in files
 
 
 def test_flow_runs_the_same_stages(prefect_harness, tmp_path):
@@ -112,3 +119,47 @@ def test_flow_fails_fast_on_bad_params(prefect_harness, tmp_path):
     with pytest.raises(ConfigError, match="train.arch"):
         refine(root=str(project))
     assert not (project / "data" / "prepared").exists()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_flow_against_a_running_prefect_server(repro_project, tmp_path):
+    """`prefect server start`, then `python -m flows.refine` with PREFECT_API_URL: the run is recorded."""
+    port = _free_port()
+    api = f"http://127.0.0.1:{port}/api"
+    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect"), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+           "PREFECT_API_URL": api}
+    server = subprocess.Popen([sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1",
+                               "--port", str(port)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                              start_new_session=True)
+    try:
+        deadline = time.time() + 90
+        while True:
+            try:
+                with urllib.request.urlopen(f"{api}/health", timeout=2) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                assert server.poll() is None and time.time() < deadline, "prefect server did not start"
+                time.sleep(1)
+        proc = subprocess.run([sys.executable, "-m", "flows.refine", "--root", str(repro_project)], cwd=ROOT,
+                              env=env, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        req = urllib.request.Request(f"{api}/flow_runs/filter", data=b"{}", method="POST",
+                                     headers={"content-type": "application/json"})
+        with urllib.request.urlopen(req, timeout=10) as r:
+            runs = json.load(r)
+        assert [(run["state_type"], run["parameters"]["root"]) for run in runs] == [("COMPLETED", str(repro_project))]
+        req = urllib.request.Request(f"{api}/task_runs/count", data=b"{}", method="POST",
+                                     headers={"content-type": "application/json"})
+        with urllib.request.urlopen(req, timeout=10) as r:
+            n_tasks = json.load(r)
+        ran = len(json.loads((repro_project / "reports" / "summary.json").read_text())["cycles"]) - 1
+        assert n_tasks == 4 + 4 * ran + 1  # 4 set-up stages, 4 per cycle run, the report
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=30)

@@ -5,7 +5,7 @@ import numpy as np
 import pandas as pd
 
 from pipeline.data.store import ArrayStore
-from pipeline.evaluation import evaluate_cycle
+from pipeline.evaluation import evaluate_cycle, headline
 from pipeline.io import atomic_path, read_json, write_json
 from pipeline.models.checkpoint import file_sha256, load_model
 from pipeline.stages.common import cycle_arg, stage_main
@@ -28,7 +28,8 @@ def run(params, paths, args) -> None:
     out = paths.cycle_report(k)
     roc = scores.pop("roc")
     write_json(out / "roc.json", roc)
-    write_json(out / "metrics.json", scores)
+    write_json(paths.cycle_scores(k), scores)
+    write_json(paths.cycle_metrics(k), headline(scores))
     with atomic_path(out / "grid.npz") as tmp:
         with open(tmp, "wb") as fh:
             np.savez(fh, image_ids=np.asarray(grid["image_ids"]), cams=grid.get("cams", np.zeros(0)),
