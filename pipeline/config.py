@@ -114,9 +114,19 @@ class TrainParams(_Section):
 
 
 class CamParams(_Section):
-    method: Literal["gradcam"] = "gradcam"
-    size: int = Field(16, ge=4, le=64)  # stored low-res CAM side
+    # gradient methods and eigencam/scorecam all come from one backbone pass (pipeline/cam/all_labels.py)
+    method: str = "gradcam"
+    size: int | None = Field(None, ge=4, le=64)  # stored side; None = the target layer's own grid
     batch_size: int = Field(64, ge=1)
+
+    @field_validator("method")
+    @classmethod
+    def _known_method(cls, v: str) -> str:
+        from pipeline.cam.all_labels import METHODS
+
+        if v not in METHODS:
+            raise ValueError(f"unknown CAM method {v!r}; available: {', '.join(METHODS)}")
+        return v
 
 
 class EnhanceParams(_Section):

@@ -20,7 +20,7 @@ import logging
 import cv2
 import numpy as np
 
-from pipeline.cam.library import upsample
+from pipeline.cam.maps import upsample
 from pipeline.config import EnhanceParams
 from pipeline.data.labels import anatomy_of
 from pipeline.data.record import decode_anatomy

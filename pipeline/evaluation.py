@@ -10,7 +10,8 @@ import numpy as np
 import pandas as pd
 import torch
 
-from pipeline.cam.library import LabelCAM, downsample
+from pipeline.cam.all_labels import AllLabelCAM
+from pipeline.cam.maps import resize, to_storage
 from pipeline.config import Params
 from pipeline.data.dataset import iterate_batches, predict
 from pipeline.data.labels import anatomy_of
@@ -39,14 +40,11 @@ def _mean(values) -> float | None:
     return float(np.mean(values)) if values else None
 
 
-def test_cams(model, arch: str, store: ArrayStore, idx: np.ndarray, num_labels: int, method: str,
-              batch_size: int = 64) -> np.ndarray:
-    """Full-resolution CAMs (n, L, S, S) float32 for a modest number of images."""
-    cam = LabelCAM(model, arch, method)
-    try:
-        return np.concatenate([cam(x, num_labels) for x, _, _ in iterate_batches(store, idx, None, batch_size)])
-    finally:
-        cam.release()
+def low_res_cams(model, arch: str, store: ArrayStore, idx: np.ndarray, method: str,
+                 batch_size: int = 64) -> torch.Tensor:
+    """All labels' CAMs (n, L, h, w) at the target layer's resolution, one pass per batch."""
+    cam = AllLabelCAM(model, arch, method)
+    return torch.cat([cam(x).cpu() for x, _, _ in iterate_batches(store, idx, None, batch_size)])
 
 
 def localisation(cams: np.ndarray, anatomy: np.ndarray, targets: np.ndarray, image_ids: list[str],
@@ -107,7 +105,7 @@ def evaluate_cycle(model, meta: dict, params: Params, manifest: pd.DataFrame, bo
 
     # where the model looks, on unmodified test images
     test_idx = rows(manifest, "test")[: ev.n_cam_images]
-    cams = test_cams(model, arch, images, test_idx, len(labels), params.cam.method)
+    cams = resize(low_res_cams(model, arch, images, test_idx, params.cam.method), images.item_shape[-1]).numpy()
     loc = localisation(cams, masks.read(test_idx), label_matrix(manifest.iloc[test_idx], labels),
                        manifest["image_id"].iloc[test_idx].tolist(), boxes, labels, ev.pointing_tolerance_px)
     out.update({k: loc[k] for k in ("cam_in_anatomy", "pointing_game", "iou")})
@@ -115,7 +113,6 @@ def evaluate_cycle(model, meta: dict, params: Params, manifest: pd.DataFrame, bo
     # faithfulness (ROAD) per label on positives, and the sanity check
     road = {}
     y_test = label_matrix(manifest.iloc[test_idx], labels)
-    x_all = None
     for k, label in enumerate(labels):
         pos = np.flatnonzero(y_test[:, k] == 1)[: ev.n_faithfulness_images]
         if len(pos) == 0:
@@ -128,11 +125,7 @@ def evaluate_cycle(model, meta: dict, params: Params, manifest: pd.DataFrame, bo
     x_sanity = next(iterate_batches(images, sanity_idx, None, len(sanity_idx)))[0]
 
     def cam_fn(m, x):
-        c = LabelCAM(m, arch, params.cam.method)
-        try:
-            return torch.from_numpy(c(x, len(labels)))
-        finally:
-            c.release()
+        return AllLabelCAM(m, arch, params.cam.method)(x)
 
     sanity = cascading_randomization(model, x_sanity, cam_fn, seed=params.train.seed)
     out["sanity_rank_corr"] = sanity["final_rank_corr"]
@@ -151,7 +144,6 @@ def evaluate_cycle(model, meta: dict, params: Params, manifest: pd.DataFrame, bo
     grid_idx = np.asarray([pos_of[i] for i in grid_ids if i in pos_of], dtype=np.int64)
     grid = {"image_ids": [manifest["image_id"].iloc[i] for i in grid_idx]}
     if len(grid_idx):
-        grid_cams = test_cams(model, arch, images, grid_idx, len(labels), params.cam.method)
         grid["probs"] = predict(model, images, grid_idx).round(4).tolist()
-        grid["cams"] = downsample(grid_cams, params.cam.size)
+        grid["cams"] = to_storage(low_res_cams(model, arch, images, grid_idx, params.cam.method), params.cam.size)
     return out, grid

@@ -7,7 +7,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from pipeline.cam.library import upsample  # noqa: E402
+from pipeline.cam.maps import upsample  # noqa: E402
 from pipeline.io import atomic_path  # noqa: E402
 
 

@@ -63,7 +63,7 @@ def test_counterfactual_decorrelates_the_marker(cohort):
 
 def test_overlay_recipe_creates_the_class_cue_design_md_warns_about(cohort):
     imgs, anat, y, cams = cohort
-    from pipeline.cam.library import upsample
+    from pipeline.cam.maps import upsample
     out = overlay(imgs, anat, upsample(cams, 64), y[:, None], EnhanceParams())
     region = anat > 0
     raw, enh = class_separability(imgs, region, y), class_separability(out, region, y)

@@ -1,68 +1,67 @@
-"""Grad-CAM through the grad-cam library, one label at a time; low-res float16 for storage.
-
-Heatmaps are stored at `cam.size` (e.g. 16×16 per label) and upsampled on demand, so a dataset's
-CAMs stay small. The model is always in eval() mode (BatchNorm uses running statistics).
+"""The grad-cam library's own per-label path: the reference the fast path is tested and benchmarked
+against, and the way to run any grad-cam method the fast path does not cover.
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
 from typing import Iterator
 
 import numpy as np
 import torch
-import torch.nn.functional as F
-from pytorch_grad_cam import GradCAM
+import torchvision
+from pytorch_grad_cam import EigenCAM, GradCAM, GradCAMPlusPlus, HiResCAM, LayerCAM, ScoreCAM
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 from torch import nn
 
-from pipeline.data.dataset import iterate_batches
-from pipeline.data.store import ArrayStore
-from pipeline.models.registry import target_layer
+from pipeline.models.registry import model_spec
 
-METHODS = {"gradcam": GradCAM}
+LIBRARY_METHODS = {"gradcam": GradCAM, "gradcam++": GradCAMPlusPlus, "hirescam": HiResCAM,
+                   "layercam": LayerCAM, "scorecam": ScoreCAM, "eigencam": EigenCAM}
 
 
-class LabelCAM:
-    """All labels' CAMs for a batch, computed with the library's per-label call."""
+class LibraryCAM:
+    """grad-cam, one call per label: (N, L, H, W) float32 in [0, 1] at input resolution."""
 
     def __init__(self, model: nn.Module, arch: str, method: str = "gradcam"):
-        if method not in METHODS:
-            raise ValueError(f"cam.method: unknown method {method!r}; available: {sorted(METHODS)}")
+        if method not in LIBRARY_METHODS:
+            raise ValueError(f"unknown grad-cam method {method!r}; available: {sorted(LIBRARY_METHODS)}")
+        spec = model_spec(arch)
         model.eval()
-        self.model = model
-        self.cam = METHODS[method](model=model, target_layers=[target_layer(model, arch)])
+        self.cam = LIBRARY_METHODS[method](model=model, target_layers=[model.get_submodule(spec.target_layer)],
+                                           reshape_transform=spec.reshape)
 
-    def __call__(self, x: torch.Tensor, num_labels: int) -> np.ndarray:
-        """(N, L, H, W) float32 in [0, 1] at input resolution, each map min-max normalised."""
-        out = np.empty((x.shape[0], num_labels, x.shape[2], x.shape[3]), dtype=np.float32)
-        for label in range(num_labels):
-            out[:, label] = self.cam(input_tensor=x, targets=[ClassifierOutputTarget(label)] * len(x))
-        return out
+    def __call__(self, x: torch.Tensor, labels: list[int]) -> np.ndarray:
+        return np.stack([self.cam(input_tensor=x, targets=[ClassifierOutputTarget(k)] * len(x)) for k in labels], 1)
 
     def release(self) -> None:
         self.cam.activations_and_grads.release()
 
+    def __enter__(self) -> "LibraryCAM":
+        return self
 
-def downsample(cams: np.ndarray, size: int) -> np.ndarray:
-    """(N, L, H, W) -> (N, L, size, size) by area averaging, as float16 for storage."""
-    t = torch.from_numpy(np.ascontiguousarray(cams, dtype=np.float32))
-    return F.adaptive_avg_pool2d(t, size).numpy().astype(np.float16)
-
-
-def upsample(cams: np.ndarray, size: int) -> np.ndarray:
-    """Low-res (..., h, w) -> (..., size, size) float32, bilinear, for scoring and display."""
-    arr = np.asarray(cams, dtype=np.float32)
-    lead = arr.shape[:-2]
-    t = torch.from_numpy(np.ascontiguousarray(arr.reshape(-1, 1, *arr.shape[-2:])))
-    up = F.interpolate(t, size=(size, size), mode="bilinear", align_corners=False)
-    return up.numpy().reshape(*lead, size, size)
+    def __exit__(self, *exc) -> None:
+        self.release()
 
 
-def dataset_cams(model: nn.Module, arch: str, store: ArrayStore, indices: np.ndarray, num_labels: int,
-                 batch_size: int, out_size: int, method: str = "gradcam") -> Iterator[np.ndarray]:
-    """Yield low-res float16 CAM batches (n, L, out_size, out_size) in the order of `indices`."""
-    cam = LabelCAM(model, arch, method)
+class _OutOfPlaceReLU:
+    """torch.nn.functional, but ReLU never in place (stands in for `F` inside torchvision's densenet)."""
+
+    def __getattr__(self, name):
+        return getattr(torch.nn.functional, name)
+
+    @staticmethod
+    def relu(x, inplace=False):
+        return torch.relu(x)
+
+
+@contextmanager
+def library_sees_layer_output() -> Iterator[None]:
+    """While active, DenseNet's final ReLU runs out of place, so grad-cam's activation hook keeps
+    norm5's output as produced (the tensor the fast path uses) instead of the ReLU'd values."""
+    module = torchvision.models.densenet
+    original = module.F
+    module.F = _OutOfPlaceReLU()
     try:
-        for x, _, _ in iterate_batches(store, indices, None, batch_size):
-            yield downsample(cam(x, num_labels), out_size)
+        yield
     finally:
-        cam.release()
+        module.F = original

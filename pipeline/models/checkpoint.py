@@ -72,7 +72,8 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[nn
     if path.is_dir():
         path = path / MODEL_FILE
     state, meta = load_tensors(path)
-    model = create_model(meta["arch"], num_classes=len(meta["labels"]), **meta.get("model_kwargs", {}))
+    model = create_model(meta["arch"], num_classes=len(meta["labels"]), image_size=meta.get("image_size"),
+                         **meta.get("model_kwargs", {}))
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise CheckpointError(f"checkpoint {path} does not match {meta['arch']}: "

@@ -23,17 +23,20 @@ class ModelSpec:
     builder: Callable[..., nn.Module]
     target_layer: str          # dotted module path of the CAM target layer
     classifier: str            # dotted path of the final layer (its keys may differ in weights files)
+    # token layers (ViT, MLP-Mixer): (..., tokens, C) -> (..., C, h, w); None for conv layers
+    reshape: Callable[[torch.Tensor], torch.Tensor] | None = None
 
 
 _REGISTRY: dict[str, ModelSpec] = {}
 
 
-def register_model(name: str, target_layer: str, classifier: str):
+def register_model(name: str, target_layer: str, classifier: str,
+                   reshape: Callable[[torch.Tensor], torch.Tensor] | None = None):
     """Decorator: register `builder(num_classes, **kw) -> nn.Module` under `name`."""
     def wrap(builder):
         if name in _REGISTRY:
             raise ValueError(f"model {name!r} registered twice")
-        _REGISTRY[name] = ModelSpec(name, builder, target_layer, classifier)
+        _REGISTRY[name] = ModelSpec(name, builder, target_layer, classifier, reshape)
         return builder
     return wrap
 
@@ -50,21 +53,21 @@ def model_spec(name: str) -> ModelSpec:
     return _REGISTRY[name]
 
 
-def get_module(model: nn.Module, dotted: str) -> nn.Module:
-    return model.get_submodule(dotted)
-
-
 def target_layer(model: nn.Module, name: str) -> nn.Module:
     """The registered Grad-CAM target layer of a model built by `create_model(name, ...)`."""
-    return get_module(model, model_spec(name).target_layer)
+    return model.get_submodule(model_spec(name).target_layer)
 
 
-def create_model(name: str, num_classes: int, weights: str | Path | None = None, **kwargs) -> nn.Module:
-    """Build a registered model with random init, or load a local weights file into it."""
+def create_model(name: str, num_classes: int, weights: str | Path | None = None, image_size: int | None = None,
+                 **kwargs) -> nn.Module:
+    """Build a registered model with random init, or load a local weights file into it.
+
+    `image_size` matters only to models with a fixed token grid (ViT, MLP-Mixer); CNNs ignore it.
+    """
     spec = model_spec(name)
     if num_classes < 1:
         raise ValueError(f"num_classes must be >= 1, got {num_classes}")
-    model = spec.builder(num_classes=num_classes, **kwargs)
+    model = spec.builder(num_classes=num_classes, image_size=image_size, **kwargs)
     if weights is not None:
         load_weights(model, weights, spec)
     return model

@@ -1,6 +1,9 @@
 """Built-in architectures. Inputs are 3-channel (grayscale repeated) so torchvision weights fit."""
 from __future__ import annotations
 
+import math
+
+import torch
 import torchvision
 from torch import nn
 
@@ -44,21 +47,49 @@ class TinyVGG(nn.Module):
         return self.classifier(self.dropout(x))
 
 
+def token_grid(prefix_tokens: int):
+    """Reshape transform for token layers: (..., prefix + h*w, C) -> (..., C, h, w), dropping class tokens."""
+    def reshape(tokens: torch.Tensor) -> torch.Tensor:
+        grid = tokens[..., prefix_tokens:, :]
+        side = math.isqrt(grid.shape[-2])
+        if side * side != grid.shape[-2]:
+            raise ValueError(f"{grid.shape[-2]} tokens do not form a square grid")
+        return grid.reshape(*grid.shape[:-2], side, side, grid.shape[-1]).movedim(-1, -3)
+    return reshape
+
+
 @register_model("tinyvgg", target_layer="features.3", classifier="classifier")
-def tinyvgg(num_classes: int, **kw) -> nn.Module:
+def tinyvgg(num_classes: int, image_size: int | None = None, **kw) -> nn.Module:
     return TinyVGG(num_classes, **kw)
 
 
 @register_model("resnet18", target_layer="layer4", classifier="fc")
-def resnet18(num_classes: int, **kw) -> nn.Module:
+def resnet18(num_classes: int, image_size: int | None = None, **kw) -> nn.Module:
     return torchvision.models.resnet18(weights=None, num_classes=num_classes, **kw)
 
 
 @register_model("resnet50", target_layer="layer4", classifier="fc")
-def resnet50(num_classes: int, **kw) -> nn.Module:
+def resnet50(num_classes: int, image_size: int | None = None, **kw) -> nn.Module:
     return torchvision.models.resnet50(weights=None, num_classes=num_classes, **kw)
 
 
 @register_model("densenet121", target_layer="features.norm5", classifier="classifier")
-def densenet121(num_classes: int, **kw) -> nn.Module:
+def densenet121(num_classes: int, image_size: int | None = None, **kw) -> nn.Module:
     return torchvision.models.densenet121(weights=None, num_classes=num_classes, **kw)
+
+
+# ViT: only the class token reaches the head, so the CAM layer is the last block's first LayerNorm
+# (its patch tokens still carry the gradient through that block's attention).
+@register_model("vit_b_16", target_layer="encoder.layers.encoder_layer_11.ln_1", classifier="heads.head",
+                reshape=token_grid(1))
+def vit_b_16(num_classes: int, image_size: int | None = None, **kw) -> nn.Module:
+    return torchvision.models.vit_b_16(weights=None, num_classes=num_classes, image_size=image_size or 224, **kw)
+
+
+# MLP-Mixer averages all tokens into the head, so the final LayerNorm keeps one token per patch.
+@register_model("mixer_b16", target_layer="norm", classifier="head", reshape=token_grid(0))
+def mixer_b16(num_classes: int, image_size: int | None = None, **kw) -> nn.Module:
+    import timm
+
+    return timm.create_model("mixer_b16_224", pretrained=False, num_classes=num_classes,
+                             img_size=image_size or 224, **kw)

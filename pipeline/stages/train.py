@@ -28,7 +28,7 @@ def run(params, paths, args) -> None:
     images = ArrayStore(paths.images)
     if k == 0:
         torch.manual_seed(tp.seed)
-        model = create_model(tp.arch, len(labels), weights=tp.weights)
+        model = create_model(tp.arch, len(labels), weights=tp.weights, image_size=params.data.image_size)
         train_store, train_idx, parent = images, train_rows, None
         spec = TrainSpec(tp.epochs, tp.lr, tp.weight_decay, tp.batch_size, tp.seed, tp.augment)
     else:
