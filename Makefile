@@ -11,7 +11,7 @@ export DVC_NO_ANALYTICS := 1
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export PYTHONUNBUFFERED := 1
 
-.PHONY: run test test-all viewer bench repro flow clean
+.PHONY: run test test-all viewer bench repro compare clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -26,6 +26,9 @@ run: $(STAMP)  ## the whole refinement cycle on the defaults (phantom), via the 
 	@$(BIN)/python -m pipeline.config params.yaml
 	$(BIN)/python -m flows.refine
 	@$(BIN)/python -m pipeline.report
+
+compare: $(STAMP)  ## the cycle under each enhancement policy (DVC experiments) -> reports/policies/
+	$(BIN)/python -m flows.compare
 
 repro: $(STAMP)  ## the same artefacts with DVC alone
 	$(BIN)/dvc repro
@@ -43,5 +46,5 @@ viewer: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python -m benchmarks.run
 
-clean:
-	rm -rf data/prepared data/segment data/cams data/enhanced models/c* models/unet models/.resume reports/*
+clean:  ## remove the pipeline's outputs (the DVC cache keeps them: `dvc repro` restores what is unchanged)
+	rm -rf data/prepared data/segment data/cams data/enhanced models/c* models/unet models/.resume models/latest.json reports/cycles reports/train reports/segment reports/enhance reports/figures reports/index.html reports/summary.json

@@ -6,9 +6,12 @@
      dilated by a margin) and the rest is replaced by the same region of a random other training
      image (any label), so a marker stays present in both classes and carries no information;
   3. Grad-CAM guides where: the previous model's attention *outside each label's anatomy*, pooled
-     over all training images (positives and negatives alike, skipping already-accurate CAMs),
-     forms an atlas; its hot regions are swapped even inside the anatomy margin (`region: outside`),
-     or are the only regions swapped (`region: cam`).
+     over all training images (positives and negatives alike), forms two atlases. Inaccurate CAMs
+     (share inside the anatomy < `keep_share`) vote for the *hot* atlas: those regions are swapped
+     even inside the anatomy margin (`region: outside`), or are the only regions swapped
+     (`region: cam`). Accurate CAMs vote for the *keep* atlas: where a model that already looks at
+     the anatomy finds evidence just beyond the predicted mask (a U-Net that clips a costophrenic
+     angle), that region is kept. Both atlases are pooled, so every image gets the same regions.
 `overlay` is the literal published recipe (positives × CAM×anatomy, negatives × anatomy, rest dimmed)
 and `suppress` zeroes everything outside the anatomy; both are kept for comparison only: they
 transform the classes differently or hide the shortcut, which DESIGN.md measured to make things worse.
@@ -16,6 +19,7 @@ transform the classes differently or hide the shortcut, which DESIGN.md measured
 from __future__ import annotations
 
 import logging
+import typing
 
 import cv2
 import numpy as np
@@ -27,6 +31,8 @@ from pipeline.data.record import decode_anatomy
 from pipeline.data.store import ArrayStore, ArrayStoreWriter
 
 log = logging.getLogger(__name__)
+
+POLICIES: tuple[str, ...] = typing.get_args(EnhanceParams.model_fields["policy"].annotation)
 
 
 def _dilate(mask: np.ndarray, px: int) -> np.ndarray:
@@ -42,14 +48,15 @@ def _feather(mask: np.ndarray, sigma: float) -> np.ndarray:
 
 
 def off_anatomy_atlas(cams: ArrayStore, masks: ArrayStore, labels: list[str], keep_share: float,
-                      batch_size: int = 256) -> tuple[np.ndarray, dict]:
-    """Mean CAM energy outside each label's anatomy, over all training images, in image pixels.
+                      batch_size: int = 256) -> tuple[np.ndarray, np.ndarray, dict]:
+    """CAM energy outside each label's anatomy, summed over all training images, in image pixels.
 
-    Returns (atlas normalised to max 1, stats). A CAM already inside its anatomy
-    (share >= keep_share) is "accurate" and does not vote.
+    Returns (hot atlas from inaccurate CAMs, keep atlas from accurate ones — each normalised to max 1 —
+    and stats). A CAM is accurate when its share inside its label's anatomy is >= keep_share.
     """
     size = masks.item_shape[-1]
     atlas = np.zeros((size, size), dtype=np.float64)
+    keep = np.zeros((size, size), dtype=np.float64)
     n_votes, n_accurate, shares = 0, 0, []
     structures = [anatomy_of(label) for label in labels]
     for idx, cam_batch in cams.iter_batches(batch_size):
@@ -65,11 +72,13 @@ def off_anatomy_atlas(cams: ArrayStore, masks: ArrayStore, labels: list[str], ke
             n_votes += int(vote.sum())
             off = up[:, k] * ~region / energy[:, None, None]
             atlas += off[vote].sum(axis=0)
-    if atlas.max() > 0:
-        atlas /= atlas.max()
+            keep += off[~vote].sum(axis=0)
+    for a in (atlas, keep):
+        if a.max() > 0:
+            a /= a.max()
     stats = {"mean_cam_in_anatomy": float(np.mean(shares)) if shares else None,
              "accurate_cams": n_accurate, "voting_cams": n_votes}
-    return atlas.astype(np.float32), stats
+    return atlas.astype(np.float32), keep.astype(np.float32), stats
 
 
 def derangement(n: int, rng: np.random.Generator) -> np.ndarray:
@@ -85,15 +94,21 @@ def derangement(n: int, rng: np.random.Generator) -> np.ndarray:
 
 
 def counterfactual(images: np.ndarray, donors: np.ndarray, anatomy: np.ndarray, hot: np.ndarray | None,
-                   p: EnhanceParams) -> np.ndarray:
-    """Keep each image's anatomy; take the decorrelated region from its donor (label-blind)."""
+                   p: EnhanceParams, keep: np.ndarray | None = None) -> np.ndarray:
+    """Keep each image's anatomy (and the `keep` regions); take the decorrelated region from its donor.
+
+    Label-blind: `hot` and `keep` are the same for every image.
+    """
     out = np.empty_like(images)
     for i in range(len(images)):
-        keep = _dilate(anatomy[i] > 0, p.anatomy_margin)
+        inside = anatomy[i] > 0
+        kept = _dilate(inside, p.anatomy_margin)
+        if keep is not None:
+            kept |= keep
         if p.region == "outside":
-            swap = ~keep if hot is None else (~keep | (hot & ~(anatomy[i] > 0)))
+            swap = ~kept if hot is None else (~kept | (hot & ~inside))
         else:  # "cam": only the attended off-anatomy regions
-            swap = np.zeros_like(keep) if hot is None else (hot & ~(anatomy[i] > 0))
+            swap = np.zeros_like(kept) if hot is None else (hot & ~inside)
         w = _feather(swap, p.feather)
         out[i] = np.clip(w * donors[i] + (1 - w) * images[i], 0, 255).round().astype(np.uint8)
     return out
@@ -120,14 +135,18 @@ def suppress(images: np.ndarray, anatomy: np.ndarray, p: EnhanceParams) -> np.nd
 
 def enhance(p: EnhanceParams, images: ArrayStore, masks: ArrayStore, cams: ArrayStore,
             train_idx: np.ndarray, targets: np.ndarray, labels: list[str], out_dir, shard_size: int,
-            cycle: int, batch_size: int = 256) -> tuple[ArrayStore, dict, np.ndarray]:
-    """Write the enhanced training images (aligned with `train_idx`); returns (store, stats, atlas)."""
+            cycle: int, batch_size: int = 256) -> tuple[ArrayStore, dict, tuple[np.ndarray, np.ndarray]]:
+    """Write the enhanced training images (aligned with `train_idx`); returns (store, stats, (hot, keep) atlases)."""
     if len(cams) != len(train_idx):
         raise ValueError(f"CAM store has {len(cams)} items for {len(train_idx)} training images")
     size = images.item_shape[-1]
-    atlas, stats = off_anatomy_atlas(cams, _Subset(masks, train_idx), labels, p.keep_share)
+    atlas, keep_atlas, stats = off_anatomy_atlas(cams, _Subset(masks, train_idx), labels, p.keep_share)
     hot = atlas >= p.cam_threshold if atlas.max() > 0 else None
+    keep = keep_atlas >= p.cam_threshold if keep_atlas.max() > 0 else None
+    if keep is not None and hot is not None:
+        keep &= ~hot  # where shortcut-reading CAMs look, decorrelation wins
     stats["hot_fraction"] = float(hot.mean()) if hot is not None else 0.0
+    stats["keep_fraction"] = float(keep.mean()) if keep is not None else 0.0
     rng = np.random.default_rng([p.seed, cycle])
     donor_of = derangement(len(train_idx), rng)
     writer = ArrayStoreWriter(out_dir, (size, size), np.uint8, shard_size,
@@ -136,14 +155,14 @@ def enhance(p: EnhanceParams, images: ArrayStore, masks: ArrayStore, cams: Array
         local = np.arange(start, min(start + batch_size, len(train_idx)))
         imgs, anat = images.read(train_idx[local]), masks.read(train_idx[local])
         if p.policy == "counterfactual":
-            batch = counterfactual(imgs, images.read(train_idx[donor_of[local]]), anat, hot, p)
+            batch = counterfactual(imgs, images.read(train_idx[donor_of[local]]), anat, hot, p, keep)
         elif p.policy == "overlay":
             batch = overlay(imgs, anat, upsample(cams.read(local), size), targets[local], p)
         else:
             batch = suppress(imgs, anat, p)
         writer.append(batch)
     stats.update({"policy": p.policy, "n_images": int(len(train_idx))})
-    return writer.close(), stats, atlas
+    return writer.close(), stats, (atlas, keep_atlas)
 
 
 class _Subset:

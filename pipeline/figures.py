@@ -25,15 +25,20 @@ def overlay(ax, image: np.ndarray, cam: np.ndarray | None, title: str = "") -> N
     ax.axis("off")
 
 
-def save_atlas(path, atlas: np.ndarray, mean_image: np.ndarray, threshold: float) -> None:
-    """Where the previous model looked outside the labels' anatomy, pooled over the training set."""
-    fig, axes = plt.subplots(1, 2, figsize=(6, 3))
+def save_atlas(path, atlas: np.ndarray, keep_atlas: np.ndarray, mean_image: np.ndarray, threshold: float) -> None:
+    """Where the previous model looked outside the labels' anatomy, pooled over the training set:
+    inaccurate CAMs' attention (decorrelated first) and accurate CAMs' (kept)."""
+    fig, axes = plt.subplots(1, 3, figsize=(9, 3))
     axes[0].imshow(mean_image, cmap="gray")
     axes[0].imshow(atlas, cmap="magma", alpha=0.6, vmin=0, vmax=1)
-    axes[0].set_title("off-anatomy attention atlas", fontsize=8)
-    axes[1].imshow(mean_image, cmap="gray")
-    axes[1].imshow(np.ma.masked_where(atlas < threshold, atlas), cmap="autumn", alpha=0.7)
-    axes[1].set_title(f"decorrelated first (atlas ≥ {threshold})", fontsize=8)
+    axes[0].set_title("off-anatomy attention (inaccurate CAMs)", fontsize=8)
+    hot = atlas >= threshold
+    for ax, mask, cmap, title in ((axes[1], hot, "autumn", f"decorrelated first (≥ {threshold})"),
+                                  (axes[2], (keep_atlas >= threshold) & ~hot, "summer",
+                                   "kept: accurate CAMs beyond the mask")):
+        ax.imshow(mean_image, cmap="gray")
+        ax.imshow(np.ma.masked_where(~mask, mask.astype(float)), cmap=cmap, alpha=0.6, vmin=0, vmax=1)
+        ax.set_title(title, fontsize=8)
     for ax in axes:
         ax.axis("off")
     _save(fig, path)
@@ -136,4 +141,18 @@ def save_trends(path, cycles: list[dict], keys: list[str]) -> None:
     ax.set_xlabel("cycle", fontsize=8)
     ax.set_ylim(-0.05, 1.05)
     ax.legend(fontsize=6, ncol=2)
+    _save(fig, path)
+
+
+def save_policy_comparison(path, results: dict[str, list[dict]], keys: list[str]) -> None:
+    """One panel per score, one line per enhancement policy, across cycles."""
+    fig, axes = plt.subplots(1, len(keys), figsize=(3.2 * len(keys), 3), squeeze=False)
+    for ax, key in zip(axes[0], keys):
+        for policy, cycles in results.items():
+            ys = [np.nan if c.get(key) is None else c[key] for c in cycles]
+            ax.plot([c["cycle"] for c in cycles], ys, marker="o", label=policy)
+        ax.set_title(key, fontsize=9)
+        ax.set_xlabel("cycle", fontsize=8)
+        ax.set_ylim(-0.05, 1.05)
+    axes[0, 0].legend(fontsize=7)
     _save(fig, path)

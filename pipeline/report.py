@@ -54,6 +54,11 @@ def format_table(cycles: list[dict]) -> str:
     return "\n".join(lines)
 
 
+_STYLE = ("<style>body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto}"
+          "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}"
+          "img{max-width:100%}</style>")
+
+
 def _html_table(cycles: list[dict]) -> str:
     head = "".join(f"<th>{html.escape(k)}</th>" for k in ("cycle", *TABLE_KEYS))
     body = "".join("<tr>" + f"<td>{c['cycle']}</td>" + "".join(
@@ -119,6 +124,8 @@ def build_report(params: Params, paths: Paths, stop_reason: str | None = None,
                      if (p := paths.root / "reports" / "enhance" / f"c{c['cycle']}" / "stats.json").is_file()}
     result["segmentation"] = seg_scores
     write_json(paths.summary, result)
+    trends = pd.DataFrame([headline(c) for c in cycles])[["cycle", *TABLE_KEYS, "auroc_shifted"]]
+    write_text(paths.root / "reports" / "trends.csv", trends.to_csv(index=False))
     serve = cycles[[c["cycle"] for c in cycles].index(decision.serve_cycle)]
     write_json(paths.latest, {"cycle": serve["cycle"], "checkpoint": serve["model"]["path"],
                               "sha256": serve["model"]["sha256"], "baseline": cycles[0]["model"]["path"],
@@ -133,10 +140,7 @@ def build_report(params: Params, paths: Paths, stop_reason: str | None = None,
 def _html(params: Params, result: dict, cycles: list[dict], pictures, seg, enhance_stats, serve) -> str:
     esc = html.escape
     parts = [
-        "<!doctype html><meta charset='utf-8'><title>CXR refinement report</title>",
-        "<style>body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto}"
-        "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}"
-        "img{max-width:100%}</style>",
+        "<!doctype html><meta charset='utf-8'><title>CXR refinement report</title>", _STYLE,
         f"<h1>Refinement report — {esc(result['dataset'])}</h1>",
         f"<p>Labels: {esc(', '.join(result['labels']))}. Enhancement policy: <b>{esc(params.enhance.policy)}</b>. "
         f"Stop: {esc(result['stop_reason'])}. Served model: cycle {serve}.</p>",
@@ -156,10 +160,40 @@ def _html(params: Params, result: dict, cycles: list[dict], pictures, seg, enhan
         parts.append(f"<h3>Enhancement c{c} ({esc(st['policy'])})</h3><p>CAM energy in anatomy "
                      f"{st.get('mean_cam_in_anatomy')}; decorrelated-first area {st.get('hot_fraction'):.3f}. "
                      f"Class separability by simple statistics: {esc(sep)}</p>"
-                     f"<img src='enhance/c{c}/atlas.png'> <img src='enhance/c{c}/examples.png'>")
+                     f"<img src='enhance/c{c}/figures/atlas.png'> <img src='enhance/c{c}/figures/examples.png'>")
     for title, name in pictures:
         parts.append(f"<h2>{esc(title)}</h2><img src='figures/{esc(name)}'>")
     return "\n".join(parts)
+
+
+POLICY_KEYS = ("pointing_game", "cam_in_anatomy", "accuracy_shifted", "auroc_macro")
+
+
+def build_policy_comparison(params: Params, paths: Paths, results: dict[str, list[dict]]) -> dict:
+    """reports/policies/: the same cycle run under each enhancement policy, scored on unmodified images.
+
+    `results`: policy -> per-cycle headline metrics (as in reports/cycles/cK/metrics.json).
+    """
+    out_dir = paths.root / "reports" / "policies"
+    summary = {"dataset": params.data.source, "default_policy": params.enhance.policy,
+               "policies": {policy: {"cycles": [headline(c) for c in cycles]} for policy, cycles in results.items()}}
+    write_json(out_dir / "summary.json", summary)
+    figures.save_policy_comparison(out_dir / "comparison.png", results, list(POLICY_KEYS))
+    esc = html.escape
+    parts = ["<!doctype html><meta charset='utf-8'><title>Enhancement policies</title>", _STYLE,
+             f"<h1>Enhancement policies — {esc(params.data.source)}</h1>",
+             "<p>The same data and cycle 0 model, refined under each policy (DVC experiments "
+             "<code>policy-&lt;name&gt;</code>; <code>dvc exp show</code> lists them). Every score is measured on "
+             "<b>unmodified</b> test images.</p><img src='comparison.png'>"]
+    for policy, cycles in results.items():
+        parts += [f"<h2>{esc(policy)}</h2>", _html_table(cycles)]
+    write_text(out_dir / "index.html", "\n".join(parts))
+    return summary
+
+
+def format_policy_table(summary: dict) -> str:
+    """One block per policy: the per-cycle table."""
+    return "\n".join(f"[{policy}]\n{format_table(v['cycles'])}" for policy, v in summary["policies"].items())
 
 
 def main() -> None:

@@ -163,3 +163,22 @@ def test_flow_against_a_running_prefect_server(repro_project, tmp_path):
     finally:
         os.killpg(server.pid, signal.SIGTERM)
         server.wait(timeout=30)
+
+
+def test_compare_policies_with_dvc_experiments(repro_project, prefect_harness):
+    """`dvc exp run --temp` per policy: the workspace is untouched, unaffected stages come from the
+    run-cache, and the default policy's experiment reproduces the workspace's own scores."""
+    from flows.compare import compare_policies
+
+    p = repro_project
+    before = (p / "reports" / "summary.json").read_text()
+    summary = compare_policies(root=str(p), policies=["counterfactual", "overlay"])
+    assert (p / "reports" / "summary.json").read_text() == before
+    workspace = [json.loads((p / "reports" / "cycles" / f"c{k}" / "metrics.json").read_text()) for k in (0, 1, 2)]
+    cf, ov = summary["policies"]["counterfactual"]["cycles"], summary["policies"]["overlay"]["cycles"]
+    assert cf == workspace
+    assert ov[0] == workspace[0] and [c["cycle"] for c in ov] == [0, 1, 2]
+    assert ov[1]["accuracy_shifted"] != cf[1]["accuracy_shifted"] or ov[1]["pointing_game"] != cf[1]["pointing_game"]
+    saved = json.loads((p / "reports" / "policies" / "summary.json").read_text())
+    assert saved == summary and (p / "reports" / "policies" / "comparison.png").stat().st_size > 1000
+    assert "policy-overlay" in dvc(p, "exp", "list", "--name-only").stdout

@@ -1,4 +1,5 @@
 """Enhancement obeys DESIGN.md's rules on real phantom images with their real shortcut markers."""
+import cv2
 import numpy as np
 import pytest
 
@@ -49,6 +50,17 @@ def test_counterfactual_keeps_anatomy_and_adds_no_class_cue(cohort):
         assert enh[stat] <= raw[stat] + 0.06  # AUROC standard error at n=240 is ~0.04, (stat, raw[stat], enh[stat])
 
 
+def test_counterfactual_keeps_the_keep_regions(cohort):
+    imgs, anat, _, _ = cohort
+    keep = np.zeros(imgs.shape[1:], bool)
+    keep[40:50, 2:10] = True  # e.g. an angle the U-Net clipped, found by accurate CAMs
+    donors = imgs[derangement(len(imgs), np.random.default_rng(1))]
+    out = counterfactual(imgs, donors, anat, None, EnhanceParams(feather=0.0, anatomy_margin=0), keep)
+    np.testing.assert_array_equal(out[:, keep], imgs[:, keep])
+    outside = ~(anat > 0) & ~keep
+    np.testing.assert_array_equal(out[outside], donors[outside])
+
+
 def test_counterfactual_decorrelates_the_marker(cohort):
     imgs, anat, y, _ = cohort
     marker_zone = (slice(0, 16), slice(0, 20))  # top-left corner where the letter marker lives
@@ -78,10 +90,14 @@ def test_enhance_stage_function_uses_cams_and_writes_a_store(cohort, tmp_path):
         w.append(arr)
         stores[name] = w.close()
     idx = np.arange(len(imgs))
-    out, stats, atlas = enhance(EnhanceParams(region="cam"), stores["img"], stores["mask"], stores["cam"], idx,
-                                y[:, None], ["Pneumonia"], tmp_path / "out", 32, cycle=1)
-    assert len(out) == len(imgs) and stats["voting_cams"] > 0
+    out, stats, (atlas, keep_atlas) = enhance(EnhanceParams(region="cam"), stores["img"], stores["mask"],
+                                              stores["cam"], idx, y[:, None], ["Pneumonia"], tmp_path / "out", 32,
+                                              cycle=1)
+    assert len(out) == len(imgs) and stats["voting_cams"] > 0 and stats["accurate_cams"] > 0
     # the atlas finds the marker corner: hot there, cold in the lungs
     assert atlas[:16, :20].max() > 0.5 and atlas[anat.astype(bool).all(axis=0)].max() < 0.2
+    # accurate (lung) CAMs spill just past the lung edge: that rim is what they keep, not the corner
+    rim = cv2.dilate((anat > 0).any(axis=0).astype(np.uint8), np.ones((9, 9), np.uint8)) > 0
+    assert keep_atlas[~rim].max() < 0.2 < keep_atlas[rim].max() and keep_atlas[:16, :20].max() < 0.2
     changed = (out.read(idx) != imgs).any(axis=(1, 2))
     assert changed.mean() > 0.5

@@ -24,7 +24,7 @@ def run(params, paths, args) -> None:
     images, masks, cams = ArrayStore(paths.images), ArrayStore(paths.masks), ArrayStore(paths.cams(k))
     if cams.attrs.get("labels") != labels:
         raise ValueError(f"CAMs of c{k} are for labels {cams.attrs.get('labels')}, expected {labels}")
-    out, stats, atlas = enhance(params.enhance, images, masks, cams, train_idx, targets, labels,
+    out, stats, (atlas, keep_atlas) = enhance(params.enhance, images, masks, cams, train_idx, targets, labels,
                                 paths.enhanced(k), params.data.shard_size, cycle=k)
     sample = np.arange(min(SEPARABILITY_SAMPLE, len(train_idx)))
     raw, enh = images.read(train_idx[sample]), out.read(sample)
@@ -36,8 +36,9 @@ def run(params, paths, args) -> None:
     }
     report_dir = paths.root / "reports" / "enhance" / f"c{k}"
     write_json(report_dir / "stats.json", stats)
-    figures.save_atlas(report_dir / "atlas.png", atlas, raw.mean(axis=0), params.enhance.cam_threshold)
-    figures.save_before_after(report_dir / "examples.png", raw[:6], enh[:6], f"cycle {k}: {params.enhance.policy}")
+    figures.save_atlas(report_dir / "figures" / "atlas.png", atlas, keep_atlas, raw.mean(axis=0),
+                       params.enhance.cam_threshold)
+    figures.save_before_after(report_dir / "figures" / "examples.png", raw[:6], enh[:6], f"cycle {k}: {params.enhance.policy}")
     log.info("cycle %d: %s enhancement of %d images; hot fraction %.3f", k, params.enhance.policy,
              len(train_idx), stats["hot_fraction"])
 
