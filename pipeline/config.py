@@ -135,6 +135,7 @@ class EnhanceParams(_Section):
     region: Literal["outside", "cam"] = "outside"
     cam_threshold: float = Field(0.2, ge=0, le=1)  # atlas level that marks an attended region
     keep_share: float = Field(0.7, ge=0, le=1)     # a CAM this inside its anatomy is "accurate"
+    keep_band: int = Field(6, ge=0)                # px beyond the margin where accurate CAMs may keep
     anatomy_margin: int = Field(3, ge=0)           # px dilation of the kept anatomy
     feather: float = Field(1.5, ge=0)              # px blur of the swap boundary
     overlay_floor: float = Field(0.2, ge=0, le=1)  # overlay policy: outside kept at this fraction

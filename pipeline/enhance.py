@@ -11,7 +11,11 @@
      even inside the anatomy margin (`region: outside`), or are the only regions swapped
      (`region: cam`). Accurate CAMs vote for the *keep* atlas: where a model that already looks at
      the anatomy finds evidence just beyond the predicted mask (a U-Net that clips a costophrenic
-     angle), that region is kept. Both atlases are pooled, so every image gets the same regions.
+     angle), that region is kept — but only within `keep_band` px of each image's anatomy, and only
+     when at least KEEP_MIN_SUPPORT of the CAMs are accurate: anything kept further out could be a
+     marker, and a shortcut that is kept is relearnt (measured: a keep region fed by 10 of 5,900 CAMs
+     caught the corner of the "R" marker and cycle 2's shifted accuracy fell from 0.85 to 0.64).
+     Both atlases are pooled, so every image gets the same regions.
 `overlay` is the literal published recipe (positives × CAM×anatomy, negatives × anatomy, rest dimmed)
 and `suppress` zeroes everything outside the anatomy; both are kept for comparison only: they
 transform the classes differently or hide the shortcut, which DESIGN.md measured to make things worse.
@@ -31,6 +35,8 @@ from pipeline.data.record import decode_anatomy
 from pipeline.data.store import ArrayStore, ArrayStoreWriter
 
 log = logging.getLogger(__name__)
+
+KEEP_MIN_SUPPORT = 0.01  # share of all CAMs that must be accurate before their atlas is trusted
 
 POLICIES: tuple[str, ...] = typing.get_args(EnhanceParams.model_fields["policy"].annotation)
 
@@ -95,7 +101,7 @@ def derangement(n: int, rng: np.random.Generator) -> np.ndarray:
 
 def counterfactual(images: np.ndarray, donors: np.ndarray, anatomy: np.ndarray, hot: np.ndarray | None,
                    p: EnhanceParams, keep: np.ndarray | None = None) -> np.ndarray:
-    """Keep each image's anatomy (and the `keep` regions); take the decorrelated region from its donor.
+    """Keep each image's anatomy (and the `keep` regions near it); take the rest from its donor.
 
     Label-blind: `hot` and `keep` are the same for every image.
     """
@@ -104,7 +110,7 @@ def counterfactual(images: np.ndarray, donors: np.ndarray, anatomy: np.ndarray, 
         inside = anatomy[i] > 0
         kept = _dilate(inside, p.anatomy_margin)
         if keep is not None:
-            kept |= keep
+            kept |= keep & _dilate(inside, p.anatomy_margin + p.keep_band)
         if p.region == "outside":
             swap = ~kept if hot is None else (~kept | (hot & ~inside))
         else:  # "cam": only the attended off-anatomy regions
@@ -142,7 +148,8 @@ def enhance(p: EnhanceParams, images: ArrayStore, masks: ArrayStore, cams: Array
     size = images.item_shape[-1]
     atlas, keep_atlas, stats = off_anatomy_atlas(cams, _Subset(masks, train_idx), labels, p.keep_share)
     hot = atlas >= p.cam_threshold if atlas.max() > 0 else None
-    keep = keep_atlas >= p.cam_threshold if keep_atlas.max() > 0 else None
+    trusted = stats["accurate_cams"] >= KEEP_MIN_SUPPORT * (stats["accurate_cams"] + stats["voting_cams"])
+    keep = keep_atlas >= p.cam_threshold if trusted and keep_atlas.max() > 0 else None
     if keep is not None and hot is not None:
         keep &= ~hot  # where shortcut-reading CAMs look, decorrelation wins
     stats["hot_fraction"] = float(hot.mean()) if hot is not None else 0.0
