@@ -269,6 +269,13 @@ class Paths:
     def enhanced(self, cycle: int) -> Path:
         return self.root / "data" / "enhanced" / f"c{cycle}"
 
+    def enhanced_train(self, cycle: int) -> Path:
+        return self.enhanced(cycle) / "train"
+
+    def enhanced_val(self, cycle: int) -> Path:
+        """Present for label-blind policies: the val images under the same transform."""
+        return self.enhanced(cycle) / "val"
+
     def cycle_report(self, cycle: int) -> Path:
         return self.root / "reports" / "cycles" / f"c{cycle}"
 

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import logging
 import typing
+from dataclasses import dataclass
 
 import cv2
 import numpy as np
@@ -36,6 +37,8 @@ from pipeline.data.store import ArrayStore, ArrayStoreWriter
 
 log = logging.getLogger(__name__)
 
+# policies whose transform needs neither labels nor per-image CAMs (so it also applies to val images)
+LABEL_BLIND = ("counterfactual", "suppress")
 KEEP_MIN_SUPPORT = 0.01  # share of all CAMs that must be accurate before their atlas is trusted
 
 POLICIES: tuple[str, ...] = typing.get_args(EnhanceParams.model_fields["policy"].annotation)
@@ -139,13 +142,22 @@ def suppress(images: np.ndarray, anatomy: np.ndarray, p: EnhanceParams) -> np.nd
     return np.where(keep, images, 0).astype(np.uint8)
 
 
-def enhance(p: EnhanceParams, images: ArrayStore, masks: ArrayStore, cams: ArrayStore,
-            train_idx: np.ndarray, targets: np.ndarray, labels: list[str], out_dir, shard_size: int,
-            cycle: int, batch_size: int = 256) -> tuple[ArrayStore, dict, tuple[np.ndarray, np.ndarray]]:
-    """Write the enhanced training images (aligned with `train_idx`); returns (store, stats, (hot, keep) atlases)."""
+@dataclass
+class Plan:
+    """Where to decorrelate (`hot`) and what to keep, from the previous model's training-set CAMs;
+    the same for every image it is applied to."""
+    hot: np.ndarray | None
+    keep: np.ndarray | None
+    atlas: np.ndarray
+    keep_atlas: np.ndarray
+    stats: dict
+
+
+def make_plan(p: EnhanceParams, cams: ArrayStore, masks: ArrayStore, train_idx: np.ndarray,
+              labels: list[str]) -> Plan:
+    """Pool the training set's CAMs (aligned with `train_idx`) into the hot and keep regions."""
     if len(cams) != len(train_idx):
         raise ValueError(f"CAM store has {len(cams)} items for {len(train_idx)} training images")
-    size = images.item_shape[-1]
     atlas, keep_atlas, stats = off_anatomy_atlas(cams, _Subset(masks, train_idx), labels, p.keep_share)
     hot = atlas >= p.cam_threshold if atlas.max() > 0 else None
     trusted = stats["accurate_cams"] >= KEEP_MIN_SUPPORT * (stats["accurate_cams"] + stats["voting_cams"])
@@ -154,22 +166,41 @@ def enhance(p: EnhanceParams, images: ArrayStore, masks: ArrayStore, cams: Array
         keep &= ~hot  # where shortcut-reading CAMs look, decorrelation wins
     stats["hot_fraction"] = float(hot.mean()) if hot is not None else 0.0
     stats["keep_fraction"] = float(keep.mean()) if keep is not None else 0.0
-    rng = np.random.default_rng([p.seed, cycle])
-    donor_of = derangement(len(train_idx), rng)
-    writer = ArrayStoreWriter(out_dir, (size, size), np.uint8, shard_size,
-                              attrs={"policy": p.policy, "cycle": cycle, "rows": "train"})
-    for start in range(0, len(train_idx), batch_size):
-        local = np.arange(start, min(start + batch_size, len(train_idx)))
-        imgs, anat = images.read(train_idx[local]), masks.read(train_idx[local])
+    stats["policy"] = p.policy
+    return Plan(hot, keep, atlas, keep_atlas, stats)
+
+
+def apply_plan(p: EnhanceParams, plan: Plan, images: ArrayStore, masks: ArrayStore, rows: np.ndarray, out_dir,
+               shard_size: int, seed: list[int], cams: ArrayStore | None = None, targets: np.ndarray | None = None,
+               batch_size: int = 256) -> ArrayStore:
+    """Write the enhanced images of `rows` (a store aligned with `rows`); donors are other images of
+    the same rows. `overlay` also needs these rows' CAMs and labels (it is label-dependent)."""
+    if p.policy == "overlay" and (cams is None or targets is None):
+        raise ValueError("the overlay policy needs each image's CAMs and labels")
+    size = images.item_shape[-1]
+    donor_of = derangement(len(rows), np.random.default_rng(seed))
+    writer = ArrayStoreWriter(out_dir, (size, size), np.uint8, shard_size, attrs={"policy": p.policy})
+    for start in range(0, len(rows), batch_size):
+        local = np.arange(start, min(start + batch_size, len(rows)))
+        imgs, anat = images.read(rows[local]), masks.read(rows[local])
         if p.policy == "counterfactual":
-            batch = counterfactual(imgs, images.read(train_idx[donor_of[local]]), anat, hot, p, keep)
+            batch = counterfactual(imgs, images.read(rows[donor_of[local]]), anat, plan.hot, p, plan.keep)
         elif p.policy == "overlay":
             batch = overlay(imgs, anat, upsample(cams.read(local), size), targets[local], p)
         else:
             batch = suppress(imgs, anat, p)
         writer.append(batch)
-    stats.update({"policy": p.policy, "n_images": int(len(train_idx))})
-    return writer.close(), stats, (atlas, keep_atlas)
+    return writer.close()
+
+
+def enhance(p: EnhanceParams, images: ArrayStore, masks: ArrayStore, cams: ArrayStore,
+            train_idx: np.ndarray, targets: np.ndarray, labels: list[str], out_dir, shard_size: int,
+            cycle: int) -> tuple[ArrayStore, Plan]:
+    """Plan from the training CAMs and write the enhanced training images (aligned with `train_idx`)."""
+    plan = make_plan(p, cams, masks, train_idx, labels)
+    store = apply_plan(p, plan, images, masks, train_idx, out_dir, shard_size, [p.seed, cycle], cams, targets)
+    plan.stats["n_images"] = int(len(train_idx))
+    return store, plan
 
 
 class _Subset:

@@ -30,6 +30,14 @@ log = logging.getLogger(__name__)
 RESUME_FILE = "state.safetensors"
 
 
+@dataclass(frozen=True)
+class Rows:
+    """Images of one split: a store, the store indices to use, their targets (N, L; NaN = unknown)."""
+    store: ArrayStore
+    idx: np.ndarray
+    targets: np.ndarray
+
+
 @dataclass
 class TrainSpec:
     """Everything one training run needs besides the data."""
@@ -78,14 +86,15 @@ def _opt_from_tensors(tensors: dict[str, torch.Tensor], groups: list) -> dict:
     return {"state": state, "param_groups": groups}
 
 
-def train_classifier(model: nn.Module, spec: TrainSpec, labels: list[str],
-                     train_store: ArrayStore, train_idx: np.ndarray, train_targets: np.ndarray,
-                     val_store: ArrayStore, val_idx: np.ndarray, val_targets: np.ndarray,
-                     resume_dir: Path, fingerprint_extra: dict | None = None) -> dict:
-    """Train in place and load the best-on-val weights into `model`.
+def train_classifier(model: nn.Module, spec: TrainSpec, labels: list[str], train: Rows, select: Rows,
+                     resume_dir: Path, fingerprint_extra: dict | None = None, calibrate: Rows | None = None) -> dict:
+    """Train in place and load the weights that score best on `select` into `model`.
 
-    Returns {"history": [...per epoch...], "best_epoch", "best_score", "thresholds"}.
+    Operating thresholds are chosen on `calibrate` (default: `select`), the images the model will
+    meet. Returns {"history": [...per epoch...], "best_epoch", "best_score", "thresholds"}.
     """
+    train_store, train_idx, train_targets = train.store, train.idx, train.targets
+    calibrate = calibrate or select
     fingerprint = spec.fingerprint(fingerprint_extra or {})
     opt = torch.optim.AdamW(model.parameters(), lr=spec.lr, weight_decay=spec.weight_decay)
     steps_per_epoch = max(1, -(-len(train_idx) // spec.batch_size))
@@ -128,8 +137,8 @@ def train_classifier(model: nn.Module, spec: TrainSpec, labels: list[str],
             sched.step()
             total += float(loss.detach()) * len(x)
             n += len(x)
-        probs = predict(model, val_store, val_idx, spec.batch_size * 2)
-        score, val_loss = _val_score(val_targets, probs, labels)
+        probs = predict(model, select.store, select.idx, spec.batch_size * 2)
+        score, val_loss = _val_score(select.targets, probs, labels)
         row = {"epoch": epoch, "train_loss": total / max(n, 1), "val_loss": val_loss, "val_score": score,
                "lr": sched.get_last_lr()[0]}
         history.append(row)
@@ -147,7 +156,7 @@ def train_classifier(model: nn.Module, spec: TrainSpec, labels: list[str],
             "sched": sched.state_dict(), "best_score": best["score"], "best_epoch": best["epoch"]})
 
     model.load_state_dict(best["state"])
-    probs = predict(model, val_store, val_idx, spec.batch_size * 2)
-    thresholds = choose_thresholds(val_targets, probs)
+    probs = predict(model, calibrate.store, calibrate.idx, spec.batch_size * 2)
+    thresholds = choose_thresholds(calibrate.targets, probs)
     return {"history": history, "best_epoch": best["epoch"], "best_score": best["score"],
             "thresholds": [float(t) for t in thresholds]}

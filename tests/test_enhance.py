@@ -92,9 +92,10 @@ def test_enhance_stage_function_uses_cams_and_writes_a_store(cohort, tmp_path):
         w.append(arr)
         stores[name] = w.close()
     idx = np.arange(len(imgs))
-    out, stats, (atlas, keep_atlas) = enhance(EnhanceParams(region="cam"), stores["img"], stores["mask"],
+    out, plan = enhance(EnhanceParams(region="cam"), stores["img"], stores["mask"],
                                               stores["cam"], idx, y[:, None], ["Pneumonia"], tmp_path / "out", 32,
                                               cycle=1)
+    atlas, keep_atlas, stats = plan.atlas, plan.keep_atlas, plan.stats
     assert len(out) == len(imgs) and stats["voting_cams"] > 0 and stats["accurate_cams"] > 0
     # the atlas finds the marker corner: hot there, cold in the lungs
     assert atlas[:16, :20].max() > 0.5 and atlas[anat.astype(bool).all(axis=0)].max() < 0.2

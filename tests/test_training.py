@@ -6,7 +6,7 @@ import pipeline.training as training
 from pipeline.config import AugmentParams
 from pipeline.data.store import ArrayStoreWriter
 from pipeline.models.registry import create_model
-from pipeline.training import RESUME_FILE, TrainSpec, masked_bce, train_classifier
+from pipeline.training import RESUME_FILE, Rows, TrainSpec, masked_bce, train_classifier
 
 
 def test_masked_bce_ignores_unknown_labels():
@@ -34,7 +34,8 @@ def _run(tmp_path, store, y, resume_dir):
     model = create_model("tinyvgg", 2)
     spec = TrainSpec(epochs=3, lr=3e-3, weight_decay=0.0, batch_size=16, seed=0, augment=AugmentParams())
     idx = np.arange(len(store))
-    res = train_classifier(model, spec, ["a", "b"], store, idx[:36], y[:36], store, idx[36:], y[36:], resume_dir)
+    res = train_classifier(model, spec, ["a", "b"], Rows(store, idx[:36], y[:36]), Rows(store, idx[36:], y[36:]),
+                           resume_dir)
     return model, res
 
 
@@ -61,3 +62,19 @@ def test_learns_and_resumes_to_identical_weights(tmp_path, monkeypatch):
     assert [h["epoch"] for h in res2["history"]] == [0, 1, 2]
     for (k, a), b in zip(full.state_dict().items(), resumed.state_dict().values()):
         torch.testing.assert_close(a, b, msg=k)
+
+
+def test_selects_on_one_split_and_calibrates_thresholds_on_another(tmp_path):
+    from pipeline.data.dataset import predict
+    from pipeline.metrics.classification import choose_thresholds
+
+    store, y = _toy_store(tmp_path)
+    idx = np.arange(len(store))
+    torch.manual_seed(0)
+    model = create_model("tinyvgg", 2)
+    spec = TrainSpec(epochs=2, lr=3e-3, weight_decay=0.0, batch_size=16, seed=0, augment=AugmentParams())
+    calibrate = Rows(store, idx[:36], y[:36])
+    res = train_classifier(model, spec, ["a", "b"], Rows(store, idx[:36], y[:36]), Rows(store, idx[36:], y[36:]),
+                           tmp_path / "r", calibrate=calibrate)
+    expected = choose_thresholds(y[:36], predict(model, store, idx[:36], 32))
+    np.testing.assert_allclose(res["thresholds"], expected)

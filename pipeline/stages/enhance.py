@@ -1,4 +1,5 @@
-"""DVC stage `enhance`: the next cycle's training images, and proof they add no new class cue."""
+"""DVC stage `enhance`: the next cycle's training images (and, for label-blind policies, the same
+transform of the val images for checkpoint selection), and proof they add no new class cue."""
 import logging
 
 import numpy as np
@@ -7,7 +8,7 @@ import pandas as pd
 from pipeline import figures
 from pipeline.data.manifest import label_matrix, resolve_labels, rows
 from pipeline.data.store import ArrayStore
-from pipeline.enhance import class_separability, enhance
+from pipeline.enhance import LABEL_BLIND, apply_plan, class_separability, enhance
 from pipeline.io import write_json
 from pipeline.stages.common import cycle_arg, stage_main
 
@@ -16,16 +17,19 @@ SEPARABILITY_SAMPLE = 1000
 
 
 def run(params, paths, args) -> None:
-    k = args.cycle
+    k, p = args.cycle, params.enhance
     manifest = pd.read_parquet(paths.manifest)
     labels = resolve_labels(params.data.labels, manifest)
-    train_idx = rows(manifest, "train")
+    train_idx, val_idx = rows(manifest, "train"), rows(manifest, "val")
     targets = label_matrix(manifest, labels)[train_idx]
     images, masks, cams = ArrayStore(paths.images), ArrayStore(paths.masks), ArrayStore(paths.cams(k))
     if cams.attrs.get("labels") != labels:
         raise ValueError(f"CAMs of c{k} are for labels {cams.attrs.get('labels')}, expected {labels}")
-    out, stats, (atlas, keep_atlas) = enhance(params.enhance, images, masks, cams, train_idx, targets, labels,
-                                paths.enhanced(k), params.data.shard_size, cycle=k)
+    out, plan = enhance(p, images, masks, cams, train_idx, targets, labels, paths.enhanced_train(k),
+                        params.data.shard_size, cycle=k)
+    if p.policy in LABEL_BLIND and len(val_idx):  # the same transform, so selection sees no shortcut either
+        apply_plan(p, plan, images, masks, val_idx, paths.enhanced_val(k), params.data.shard_size, [p.seed, k, 1])
+    stats = plan.stats
     sample = np.arange(min(SEPARABILITY_SAMPLE, len(train_idx)))
     raw, enh = images.read(train_idx[sample]), out.read(sample)
     region = masks.read(train_idx[sample]) > 0
@@ -36,11 +40,11 @@ def run(params, paths, args) -> None:
     }
     report_dir = paths.root / "reports" / "enhance" / f"c{k}"
     write_json(report_dir / "stats.json", stats)
-    figures.save_atlas(report_dir / "figures" / "atlas.png", atlas, keep_atlas, raw.mean(axis=0),
-                       params.enhance.cam_threshold)
-    figures.save_before_after(report_dir / "figures" / "examples.png", raw[:6], enh[:6], f"cycle {k}: {params.enhance.policy}")
-    log.info("cycle %d: %s enhancement of %d images; hot fraction %.3f", k, params.enhance.policy,
-             len(train_idx), stats["hot_fraction"])
+    figures.save_atlas(report_dir / "figures" / "atlas.png", plan.atlas, plan.keep_atlas, raw.mean(axis=0),
+                       p.cam_threshold)
+    figures.save_before_after(report_dir / "figures" / "examples.png", raw[:6], enh[:6], f"cycle {k}: {p.policy}")
+    log.info("cycle %d: %s enhancement of %d images; hot fraction %.3f", k, p.policy, len(train_idx),
+             stats["hot_fraction"])
 
 
 if __name__ == "__main__":

@@ -1,10 +1,14 @@
 """DVC stage `train`: cycle 0 from scratch on raw images; cycle K fine-tunes cycle K-1 on enhanced images.
 
-Validation and model selection always use the unmodified val images.
+Cycle K picks its checkpoint on the val images under the same enhancement when the policy is
+label-blind: raw val images carry the shortcut (markers agree with labels 95 % of the time), so
+selecting on them rewards the epochs that still read it. Operating thresholds are always chosen on
+the unmodified val images, the kind the model will meet.
 """
 import hashlib
 import logging
 
+import numpy as np
 import pandas as pd
 import torch
 
@@ -15,7 +19,7 @@ from pipeline.io import write_text
 from pipeline.models.checkpoint import file_sha256, load_model, save_model
 from pipeline.models.registry import create_model
 from pipeline.stages.common import cycle_arg, stage_main
-from pipeline.training import RESUME_FILE, TrainSpec, train_classifier
+from pipeline.training import RESUME_FILE, Rows, TrainSpec, train_classifier
 
 log = logging.getLogger(__name__)
 
@@ -26,6 +30,9 @@ def run(params, paths, args) -> None:
     labels = resolve_labels(params.data.labels, manifest)
     train_rows, val_rows = rows(manifest, "train"), rows(manifest, "val")
     images = ArrayStore(paths.images)
+    y_train, y_val = label_matrix(manifest, labels)[train_rows], label_matrix(manifest, labels)[val_rows]
+    raw_val = Rows(images, val_rows, y_val)
+    select = raw_val
     if k == 0:
         torch.manual_seed(tp.seed)
         model = create_model(tp.arch, len(labels), weights=tp.weights, image_size=params.data.image_size)
@@ -36,25 +43,29 @@ def run(params, paths, args) -> None:
         model, prev_meta = load_model(paths.model(prev))
         if prev_meta["labels"] != labels:
             raise ValueError(f"cycle {k}: labels {labels} differ from cycle {prev}'s {prev_meta['labels']}")
-        train_store = ArrayStore(paths.enhanced(k))
+        train_store = ArrayStore(paths.enhanced_train(k))
         if len(train_store) != len(train_rows):
             raise ValueError(f"enhanced set c{k} has {len(train_store)} images for {len(train_rows)} train rows")
-        train_idx = torch.arange(len(train_rows)).numpy()
+        train_idx = np.arange(len(train_rows))
+        if (paths.enhanced_val(k) / "index.json").is_file():
+            select = Rows(ArrayStore(paths.enhanced_val(k)), np.arange(len(val_rows)), y_val)
         parent = {"cycle": prev, "sha256": file_sha256(paths.model(prev) / "model.safetensors")}
         spec = TrainSpec(tp.finetune_epochs, tp.finetune_lr, tp.weight_decay, tp.batch_size, tp.seed + k, tp.augment)
     data_hash = hashlib.sha256((paths.images / "index.json").read_bytes()
                                + (train_store.root / "index.json").read_bytes()
+                               + (select.store.root / "index.json").read_bytes()
                                + paths.manifest.read_bytes()).hexdigest()[:16]
-    y_train, y_val = label_matrix(manifest, labels)[train_rows], label_matrix(manifest, labels)[val_rows]
     resume_dir = paths.resume_dir(k)
-    result = train_classifier(model, spec, labels, train_store, train_idx, y_train, images, val_rows, y_val,
-                              resume_dir, fingerprint_extra={"data": data_hash, "parent": parent, "arch": tp.arch})
+    result = train_classifier(model, spec, labels, Rows(train_store, train_idx, y_train), select, resume_dir,
+                              fingerprint_extra={"data": data_hash, "parent": parent, "arch": tp.arch},
+                              calibrate=raw_val)
     meta = {
         "arch": tp.arch, "labels": labels, "image_size": params.data.image_size,
         "normalisation": NORMALISATION, "preprocessing": "grayscale uint8, resized to image_size, repeated to 3 channels",
         "cycle": k, "parent": parent, "data_hash": data_hash, "source": params.data.source,
         "enhance_policy": params.enhance.policy if k else None,
         "thresholds": result["thresholds"], "best_epoch": result["best_epoch"], "val_auroc": result["best_score"],
+        "selected_on": "enhanced val" if select is not raw_val else "val",
         "epochs": spec.epochs, "lr": spec.lr, "seed": spec.seed,
     }
     save_model(paths.model(k), model, meta)
