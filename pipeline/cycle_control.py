@@ -2,7 +2,9 @@
 
 Stop when localisation (pointing game, or CAM energy in anatomy where a dataset has no boxes) has
 not improved by `min_gain` for `patience` cycles, or when clean AUROC fell more than
-`auroc_tolerance` below cycle 0. The served model is the last cycle not rejected by the rule.
+`auroc_tolerance` below cycle 0. The served model is the best-localising cycle among those within
+the AUROC tolerance (the later one on a tie): a cycle that stopped improving is not served over a
+better earlier one.
 """
 from __future__ import annotations
 
@@ -27,14 +29,15 @@ def decide(history: list[dict], rule: FlowParams) -> Decision:
     if not history:
         raise ValueError("no cycle has been evaluated yet")
     base_auroc = history[0].get("auroc_macro")
-    best_loc, best_at, serve = None, 0, history[0]["cycle"]
+    best_loc, best_at, serve, serve_loc = None, 0, history[0]["cycle"], None
     for k, m in enumerate(history):
         auroc = m.get("auroc_macro")
         if k and base_auroc is not None and auroc is not None and auroc < base_auroc - rule.auroc_tolerance:
             return Decision(True, f"clean AUROC {auroc:.3f} fell more than {rule.auroc_tolerance} below "
                                   f"cycle 0's {base_auroc:.3f} at cycle {m['cycle']}", serve)
-        serve = m["cycle"]
         loc = localisation_score(m)
+        if serve_loc is None or (loc is not None and loc >= serve_loc):
+            serve, serve_loc = m["cycle"], loc
         if loc is not None and (best_loc is None or loc >= best_loc + rule.min_gain):
             best_loc, best_at = loc, k
         elif k - best_at >= rule.patience:

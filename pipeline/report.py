@@ -15,6 +15,7 @@ from pipeline.data.manifest import label_matrix
 from pipeline.data.store import ArrayStore
 from pipeline.evaluation import SUMMARY_KEYS, headline
 from pipeline.io import read_json, write_json, write_text
+from pipeline.metrics.sanity import SANITY_MAX
 
 log = logging.getLogger(__name__)
 
@@ -59,10 +60,18 @@ _STYLE = ("<style>body{font-family:system-ui,sans-serif;max-width:1100px;margin:
           "img{max-width:100%}</style>")
 
 
+def _sanity_cell(c: dict) -> str:
+    v = c.get("sanity_rank_corr")
+    if v is None:
+        return "—"
+    return "pass" if v < SANITY_MAX else "<b style='color:#b00'>FAIL</b>"
+
+
 def _html_table(cycles: list[dict]) -> str:
-    head = "".join(f"<th>{html.escape(k)}</th>" for k in ("cycle", *TABLE_KEYS))
+    head = "".join(f"<th>{html.escape(k)}</th>" for k in ("cycle", *TABLE_KEYS, "sanity check"))
     body = "".join("<tr>" + f"<td>{c['cycle']}</td>" + "".join(
-        f"<td>{'—' if c.get(k) is None else f'{c[k]:.3f}'}</td>" for k in TABLE_KEYS) + "</tr>" for c in cycles)
+        f"<td>{'—' if c.get(k) is None else f'{c[k]:.3f}'}</td>" for k in TABLE_KEYS)
+        + f"<td>{_sanity_cell(c)}</td></tr>" for c in cycles)
     return f"<table><tr>{head}</tr>{body}</table>"
 
 
@@ -149,7 +158,7 @@ def _html(params: Params, result: dict, cycles: list[dict], pictures, seg, enhan
         "<i>shortcut_gap</i> = accuracy − accuracy_shifted. <i>pointing_game</i>: share of positive findings "
         "whose heatmap peak falls in the ground-truth box; <i>cam_in_anatomy</i>: share of heatmap energy in "
         "the label's anatomy (lungs, or heart for cardiomegaly); <i>sanity_rank_corr</i>: rank correlation "
-        "with a randomised model's heatmaps (should be &lt; 0.2).</p>",
+        f"with a randomised model's heatmaps; the check passes below {SANITY_MAX} (Adebayo et al.).</p>",
         _html_table(cycles),
     ]
     if seg:

@@ -19,6 +19,7 @@ log = logging.getLogger(__name__)
 
 CamFn = Callable[[nn.Module, torch.Tensor], torch.Tensor]
 MAX_STEPS = 12
+SANITY_MAX = 0.2  # a heatmap method passes when the fully randomised model's maps correlate less than this
 
 
 def rank_correlation(a: np.ndarray, b: np.ndarray) -> float:
