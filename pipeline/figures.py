@@ -25,19 +25,21 @@ def overlay(ax, image: np.ndarray, cam: np.ndarray | None, title: str = "") -> N
     ax.axis("off")
 
 
-def save_atlas(path, atlas: np.ndarray, keep_atlas: np.ndarray, mean_image: np.ndarray, threshold: float) -> None:
-    """Where the previous model looked outside the labels' anatomy, pooled over the training set:
-    inaccurate CAMs' attention (decorrelated first) and accurate CAMs' (kept)."""
+def save_atlas(path, atlas: np.ndarray, hot: np.ndarray | None, keep: np.ndarray | None,
+               mean_image: np.ndarray) -> None:
+    """Where the previous model looked outside the labels' anatomy, pooled over the training set, and
+    the regions the enhancement decorrelates first (`hot`) and keeps (`keep`, near each image's anatomy)."""
     fig, axes = plt.subplots(1, 3, figsize=(9, 3))
     axes[0].imshow(mean_image, cmap="gray")
     axes[0].imshow(atlas, cmap="magma", alpha=0.6, vmin=0, vmax=1)
     axes[0].set_title("off-anatomy attention (inaccurate CAMs)", fontsize=8)
-    hot = atlas >= threshold
-    for ax, mask, cmap, title in ((axes[1], hot, "autumn", f"decorrelated first (≥ {threshold})"),
-                                  (axes[2], (keep_atlas >= threshold) & ~hot, "summer",
-                                   "kept: accurate CAMs beyond the mask")):
+    for ax, mask, cmap, title in ((axes[1], hot, "autumn", "decorrelated first"),
+                                  (axes[2], keep, "summer", "kept: accurate CAMs beyond the mask")):
         ax.imshow(mean_image, cmap="gray")
-        ax.imshow(np.ma.masked_where(~mask, mask.astype(float)), cmap=cmap, alpha=0.6, vmin=0, vmax=1)
+        if mask is not None and mask.any():
+            ax.imshow(np.ma.masked_where(~mask, mask.astype(float)), cmap=cmap, alpha=0.6, vmin=0, vmax=1)
+        else:
+            title += "\n(none)"
         ax.set_title(title, fontsize=8)
     for ax in axes:
         ax.axis("off")
