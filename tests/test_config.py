@@ -1,8 +1,10 @@
+import shutil
+
 import pytest
 import yaml
 
 from pipeline.config import ConfigError, load_params
-from tests.conftest import tiny_params
+from tests.conftest import ROOT, tiny_params
 
 
 def write(tmp_path, p):
@@ -39,3 +41,16 @@ def test_bad_params_fail_with_one_line_naming_the_param(tmp_path, mutate, needle
 def test_missing_params_file(tmp_path):
     with pytest.raises(ConfigError, match="not found"):
         load_params(tmp_path / "nope.yaml")
+
+
+def test_dvc_set_param_keeps_params_yaml_valid(tmp_path):
+    """`dvc exp run -S key=value` rewrites params.yaml with ruamel: the result must still load."""
+    from dvc.utils.serialize import modify_yaml
+
+    path = tmp_path / "params.yaml"
+    shutil.copy(ROOT / "params.yaml", path)
+    with modify_yaml(path) as data:
+        data["enhance"]["policy"] = "overlay"
+    params = load_params(path)
+    assert params.enhance.policy == "overlay" and params == load_params(ROOT / "params.yaml").model_copy(
+        update={"enhance": params.enhance})
