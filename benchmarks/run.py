@@ -94,8 +94,8 @@ def _dataset_throughput(store, arch: str, size: int, labels: int, batch: int) ->
     idx = np.arange(n)
     torch.manual_seed(0)
     model = create_model(arch, labels, image_size=size).eval()
-    infer = _time(lambda: predict(model, store, idx, batch), 2)
-    cams = _time(lambda: list(dataset_cams(model, arch, (x for x, _, _ in iterate_batches(store, idx, None, batch)))), 2)
+    infer = _time(lambda: predict(model, store, idx, batch), 3)
+    cams = _time(lambda: list(dataset_cams(model, arch, (x for x, _, _ in iterate_batches(store, idx, None, batch)))), 3)
     return {"image_size": size, "labels": labels, "batch_size": batch, "images": n,
             "inference_images_per_s": round(n / infer * 1000, 1), "cam_images_per_s": round(n / cams * 1000, 1),
             "cam_over_inference_throughput": round(infer / cams, 3)}
