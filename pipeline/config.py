@@ -35,6 +35,9 @@ class SplitFractions(_Section):
         return self
 
 
+Uncertainty = Literal["ones", "zeros", "ignore"]
+
+
 class DataParams(_Section):
     source: Literal["phantom", "kermany", "chexpert", "rsna", "nih", "cardiomegaly"] = "phantom"
     root: str | None = None
@@ -43,6 +46,22 @@ class DataParams(_Section):
     labels: list[str] | None = None  # None = every label the source provides
     split: SplitFractions = SplitFractions()
     seed: int = 0
+    # how a real image becomes image_size x image_size: trim `center_crop` of each side first (a fix for
+    # heatmaps on the void around the body), then stretch, centre-crop or pad the rest to a square
+    fit: Literal["stretch", "crop", "pad"] = "stretch"
+    center_crop: float = Field(0.0, ge=0, lt=0.5)
+    max_pixels: int = Field(60_000_000, ge=1)   # larger images are refused (decompression bombs)
+    limit: int | None = Field(None, ge=1)       # read only the first N images of a source (a quick look)
+
+    @field_validator("labels")
+    @classmethod
+    def _canonical(cls, v: list[str] | None) -> list[str] | None:
+        from pipeline.data.labels import CANONICAL_LABELS
+
+        unknown = [label for label in v or [] if label not in CANONICAL_LABELS]
+        if unknown:
+            raise ValueError(f"unknown labels {unknown}; canonical labels: {', '.join(CANONICAL_LABELS)}")
+        return v
 
     @model_validator(mode="after")
     def _root_for_real_sources(self):
@@ -65,6 +84,34 @@ class PhantomParams(_Section):
     opacity_contrast: float = Field(1.0, gt=0)
 
 
+class ChexpertParams(_Section):
+    frontal_only: bool = True
+    # what an uncertain (-1) label becomes, per label; defaults follow the CheXpert paper's best policies
+    uncertainty: dict[str, Uncertainty] = {"Atelectasis": "ones", "Edema": "ones", "Cardiomegaly": "zeros",
+                                           "Consolidation": "zeros", "Pleural Effusion": "zeros"}
+    uncertainty_default: Uncertainty = "ignore"
+    blank: Literal["zeros", "ignore"] = "zeros"  # a blank cell means "not mentioned"
+
+    @field_validator("uncertainty")
+    @classmethod
+    def _canonical(cls, v: dict[str, str]) -> dict[str, str]:
+        from pipeline.data.labels import CANONICAL_LABELS
+
+        unknown = [label for label in v if label not in CANONICAL_LABELS]
+        if unknown:
+            raise ValueError(f"unknown labels {unknown}")
+        return v
+
+
+class KermanyParams(_Section):
+    # the official val split has 16 images: fold it into train and draw val by patient instead
+    resplit_val: bool = True
+
+
+class NihParams(_Section):
+    official_split: bool = True  # use train_val_list.txt / test_list.txt when present
+
+
 class SegmentParams(_Section):
     encoder: str = "resnet18"
     size: int = Field(64, ge=32)
@@ -73,6 +120,17 @@ class SegmentParams(_Section):
     batch_size: int = Field(32, ge=1)
     lr: float = Field(3e-3, gt=0)
     seed: int = 0
+    # lung/heart mask datasets the U-Net learns from, name -> folder; {} = the data's own masks (the
+    # phantom), or for a real dataset without masks, phantom masks (a fallback: domain gap)
+    mask_sources: dict[Literal["montgomery", "shenzhen", "jsrt"], str] = {}
+
+    @field_validator("mask_sources")
+    @classmethod
+    def _roots_exist(cls, v: dict[str, str]) -> dict[str, str]:
+        for name, root in v.items():
+            if not Path(root).is_dir():
+                raise ValueError(f"{name}: {root!r} is not a directory")
+        return v
 
 
 class AugmentParams(_Section):
@@ -95,6 +153,16 @@ class TrainParams(_Section):
     augment: AugmentParams = AugmentParams()
     num_threads: int = Field(0, ge=0)  # 0 = leave torch's default
     seed: int = 0
+    model_kwargs: dict = {}                       # builder options, e.g. {head: bn_mlp, pool: max}
+    # partial fine-tuning: only the last N parameter tensors, or only these named modules, train
+    trainable_last_n: int | None = Field(None, ge=1)
+    trainable_blocks: list[str] | None = None
+
+    @model_validator(mode="after")
+    def _one_freeze_rule(self):
+        if self.trainable_last_n is not None and self.trainable_blocks is not None:
+            raise ValueError("set trainable_last_n or trainable_blocks, not both")
+        return self
 
     @field_validator("arch")
     @classmethod
@@ -168,6 +236,9 @@ class CycleItem(_Section):
 class Params(_Section):
     data: DataParams = DataParams()
     phantom: PhantomParams = PhantomParams()
+    chexpert: ChexpertParams = ChexpertParams()
+    kermany: KermanyParams = KermanyParams()
+    nih: NihParams = NihParams()
     segment: SegmentParams = SegmentParams()
     train: TrainParams = TrainParams()
     cam: CamParams = CamParams()
@@ -245,6 +316,11 @@ class Paths:
     @property
     def grid(self) -> Path:
         return self.prepared / "grid.json"
+
+    @property
+    def quarantine(self) -> Path:
+        """Files a source could not read, with the reason (the run goes on without them)."""
+        return self.root / "reports" / "quarantine.csv"
 
     # segmentation
     @property

@@ -162,11 +162,12 @@ def _html(params: Params, result: dict, cycles: list[dict], pictures, seg, enhan
         _html_table(cycles),
     ]
     if seg:
-        rows = "".join(f"<tr><td>{esc(name)}</td><td>{v['dice']:.3f}</td><td>{v['iou']:.3f}</td></tr>"
+        fmt = lambda v: "—" if v is None else f"{v:.3f}"  # noqa: E731
+        rows = "".join(f"<tr><td>{esc(name)}</td><td>{fmt(v['dice'])}</td><td>{fmt(v['iou'])}</td></tr>"
                        for name, v in seg["val"].items() if isinstance(v, dict))
-        parts.append(f"<h2>Anatomy U-Net</h2><p>Trained on {seg['n_train']} images; scored on "
-                     f"{seg['val']['n_images']} held-out val images.</p>"
-                     f"<table><tr><th>structure</th><th>Dice</th><th>IoU</th></tr>{rows}</table>")
+        parts.append(f"<h2>Anatomy U-Net</h2><p>Trained on {seg['n_train']} images with masks from "
+                     f"{esc(', '.join(seg.get('sources', [])))}; scored on {seg['val']['n_images']} held-out "
+                     f"images.</p><table><tr><th>structure</th><th>Dice</th><th>IoU</th></tr>{rows}</table>")
     for c, st in enhance_stats.items():
         sep = "; ".join(f"{lab}: mean-in-anatomy AUROC raw {v['raw'].get('mean_in_anatomy')} → enhanced "
                         f"{v['enhanced'].get('mean_in_anatomy')}" for lab, v in st.get("separability", {}).items())

@@ -6,7 +6,9 @@ upsampled to the prepared image size before thresholding.
 """
 from __future__ import annotations
 
+import importlib
 import logging
+from dataclasses import dataclass
 
 import numpy as np
 import segmentation_models_pytorch as smp
@@ -14,8 +16,9 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from pipeline.config import SegmentParams
-from pipeline.data.record import HEART_BIT, LUNGS_BIT
+from pipeline.config import Params, SegmentParams
+from pipeline.data.manifest import patient_split
+from pipeline.data.record import HEART_BIT, LUNGS_BIT, Quarantined
 from pipeline.data.store import ArrayStore, ArrayStoreWriter
 from pipeline.models.checkpoint import load_tensors, save_tensors
 
@@ -24,13 +27,15 @@ STRUCTURES = ("lungs", "heart")
 
 
 def build_unet(encoder: str) -> torch.nn.Module:
-    return smp.Unet(encoder_name=encoder, encoder_weights=None, encoder_depth=4,
-                    decoder_channels=(128, 64, 32, 16), in_channels=1, classes=len(STRUCTURES))
+    net = smp.Unet(encoder_name=encoder, encoder_weights=None, encoder_depth=4,
+                   decoder_channels=(128, 64, 32, 16), in_channels=1, classes=len(STRUCTURES))
+    return net.to(memory_format=torch.channels_last)  # faster on CPU, as for the classifiers
 
 
 def _inputs(images: np.ndarray, size: int) -> torch.Tensor:
     x = torch.from_numpy(np.asarray(images, dtype=np.float32) / 255.0).unsqueeze(1)
-    return F.interpolate(x, size=(size, size), mode="area") if x.shape[-1] != size else x
+    x = F.interpolate(x, size=(size, size), mode="area") if x.shape[-1] != size else x
+    return x.contiguous(memory_format=torch.channels_last)
 
 
 def _targets(masks: np.ndarray, size: int) -> torch.Tensor:
@@ -46,30 +51,44 @@ def dice_iou(pred: np.ndarray, truth: np.ndarray) -> tuple[float, float]:
     return (2 * inter / total if total else 1.0), (inter / union if union else 1.0)
 
 
-def train_unet(p: SegmentParams, images: ArrayStore, masks: ArrayStore, train_idx: np.ndarray) -> torch.nn.Module:
-    """Train on (image, mask) pairs at p.size with BCE + Dice; returns the net in eval mode."""
+UNKNOWN = -1.0  # target value of a structure an image's mask dataset does not draw (smp's ignore_index)
+
+
+def partial_targets(masks: np.ndarray, known: np.ndarray, size: int) -> torch.Tensor:
+    """(N, 2, size, size) targets; a structure the dataset does not annotate (Montgomery and Shenzhen
+    draw lungs only) is UNKNOWN, so a missing heart is "not drawn", never "absent"."""
+    t = _targets(masks, size)
+    t[~torch.from_numpy(np.asarray(known, dtype=bool))] = UNKNOWN
+    return t
+
+
+def train_unet(p: SegmentParams, images: np.ndarray, masks: np.ndarray, known: np.ndarray) -> torch.nn.Module:
+    """Train on uint8 images (N, S, S) and bit masks at p.size; `known` (N, 2) bool per structure.
+    Returns the net in eval mode."""
     torch.manual_seed(p.seed)
     net = build_unet(p.encoder)
-    x_all, y_all = _inputs(images.read(train_idx), p.size), _targets(masks.read(train_idx), p.size)
+    x_all, y_all = _inputs(images, p.size), partial_targets(masks, known, p.size)
+    dice = smp.losses.DiceLoss(mode="multilabel", from_logits=True, ignore_index=UNKNOWN)
+    bce = smp.losses.SoftBCEWithLogitsLoss(ignore_index=UNKNOWN)
+    n = len(x_all)
     opt = torch.optim.AdamW(net.parameters(), lr=p.lr, weight_decay=1e-4)
-    steps = p.epochs * max(1, -(-len(train_idx) // p.batch_size))
+    steps = p.epochs * max(1, -(-n // p.batch_size))
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=p.lr, total_steps=steps)
-    dice = smp.losses.DiceLoss(mode="multilabel", from_logits=True)
     gen = torch.Generator().manual_seed(p.seed)
     for epoch in range(p.epochs):
         net.train()
-        order = torch.randperm(len(train_idx), generator=gen)
+        order = torch.randperm(n, generator=gen)
         total = 0.0
-        for start in range(0, len(order), p.batch_size):
+        for start in range(0, n, p.batch_size):
             b = order[start:start + p.batch_size]
             logits = net(x_all[b])
-            loss = F.binary_cross_entropy_with_logits(logits, y_all[b]) + dice(logits, y_all[b])
+            loss = bce(logits, y_all[b]) + dice(logits, y_all[b])
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             sched.step()
             total += float(loss.detach()) * len(b)
-        log.info("unet epoch %d/%d loss %.4f", epoch + 1, p.epochs, total / len(order))
+        log.info("unet epoch %d/%d loss %.4f", epoch + 1, p.epochs, total / n)
     return net.eval()
 
 
@@ -93,14 +112,17 @@ def predict_store(net: torch.nn.Module, images: ArrayStore, out_dir, size: int, 
     return writer.close()
 
 
-def evaluate_masks(pred: ArrayStore, truth: ArrayStore, idx: np.ndarray) -> dict:
-    """Dice and IoU per structure on the given (held-out) images."""
-    p, t = pred.read(idx), truth.read(idx)
+def evaluate_masks(pred: np.ndarray, truth: np.ndarray, known: np.ndarray) -> dict:
+    """Dice and IoU per structure over the held-out images that annotate it (None where none does)."""
     out = {}
-    for name, bit in (("lungs", LUNGS_BIT), ("heart", HEART_BIT)):
-        d, i = dice_iou((p & bit) > 0, (t & bit) > 0)
-        out[name] = {"dice": round(d, 4), "iou": round(i, 4)}
-    out["n_images"] = int(len(idx))
+    for k, (name, bit) in enumerate((("lungs", LUNGS_BIT), ("heart", HEART_BIT))):
+        sel = np.asarray(known)[:, k]
+        if not sel.any():
+            out[name] = {"dice": None, "iou": None, "n_images": 0}
+            continue
+        d, i = dice_iou((pred[sel] & bit) > 0, (truth[sel] & bit) > 0)
+        out[name] = {"dice": round(d, 4), "iou": round(i, 4), "n_images": int(sel.sum())}
+    out["n_images"] = int(len(pred))
     return out
 
 
@@ -114,3 +136,46 @@ def load_unet(path) -> tuple[torch.nn.Module, dict]:
     net = build_unet(meta["encoder"])
     net.load_state_dict(state)
     return net.eval(), meta
+
+
+@dataclass
+class MaskSet:
+    images: np.ndarray          # uint8 (N, S, S)
+    masks: np.ndarray           # uint8 bit masks (N, S, S)
+    known: np.ndarray           # bool (N, 2): lungs, heart annotated
+    sources: list[str]
+
+
+HELD_OUT = 0.15
+
+
+def mask_sets(params: Params) -> tuple[MaskSet, MaskSet, list]:
+    """(train, held-out, quarantined) from `segment.mask_sources`, split by patient; phantom masks stand
+    in for a structure no source draws (all of them when no source is given). At most
+    `segment.n_train` training images."""
+    from pipeline.data.masks import phantom as phantom_masks
+
+    p, data = params.segment, params.data
+    records, quarantined = [], []
+    for name, root in p.mask_sources.items():
+        module = importlib.import_module(f"pipeline.data.masks.{name}")
+        for rec in module.mask_records(root, data):
+            (quarantined if isinstance(rec, Quarantined) else records).append((name, rec))
+    drawn = {s for _, r in records for s in r.known}
+    missing = tuple(s for s in STRUCTURES if s not in drawn)
+    if missing:
+        n = int(np.ceil(p.n_train / (1 - HELD_OUT))) if not records else max(32, len(records) // 3)
+        log.warning("no mask dataset draws %s: using %d phantom masks for it (domain gap; see README)",
+                    "/".join(missing), n)
+        records += [("phantom", r) for r in phantom_masks.mask_records(n, data, p.seed, known=missing)]
+    if not records:
+        raise ValueError("segment.mask_sources: no image with masks found")
+    held_of = patient_split([r.patient_id for _, r in records], {"val": HELD_OUT}, p.seed)
+    train = [(n, r) for n, r in records if held_of[r.patient_id] == "train"][: p.n_train]
+    held = [(n, r) for n, r in records if held_of[r.patient_id] == "val"]
+
+    def stack(items) -> MaskSet:
+        return MaskSet(np.stack([r.image for _, r in items]), np.stack([r.anatomy for _, r in items]),
+                       np.array([[s in r.known for s in STRUCTURES] for _, r in items], bool), [n for n, _ in items])
+
+    return stack(train), stack(held), quarantined

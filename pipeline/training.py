@@ -93,6 +93,15 @@ def train_classifier(model: nn.Module, spec: TrainSpec, labels: list[str], train
     Operating thresholds are chosen on `calibrate` (default: `select`), the images the model will
     meet. Returns {"history": [...per epoch...], "best_epoch", "best_score", "thresholds"}.
     """
+    # dropout draws from torch's global generator: seed it from the spec inside a fork, so a run is
+    # reproducible whatever ran before in the process, and the caller's RNG state is left as it was
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(spec.seed)
+        return _train(model, spec, labels, train, select, resume_dir, fingerprint_extra, calibrate)
+
+
+def _train(model: nn.Module, spec: TrainSpec, labels: list[str], train: Rows, select: Rows, resume_dir: Path,
+           fingerprint_extra: dict | None, calibrate: Rows | None) -> dict:
     train_store, train_idx, train_targets = train.store, train.idx, train.targets
     calibrate = calibrate or select
     fingerprint = spec.fingerprint(fingerprint_extra or {})

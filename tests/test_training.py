@@ -78,3 +78,22 @@ def test_selects_on_one_split_and_calibrates_thresholds_on_another(tmp_path):
                            tmp_path / "r", calibrate=calibrate)
     expected = choose_thresholds(y[:36], predict(model, store, idx[:36], 32))
     np.testing.assert_allclose(res["thresholds"], expected)
+
+
+def test_same_seed_same_weights_whatever_ran_before(tmp_path):
+    """Dropout's randomness comes from the spec's seed, not from the global generator's state."""
+    store, y = _toy_store(tmp_path)
+    idx = np.arange(len(store))
+    spec = TrainSpec(epochs=2, lr=3e-3, weight_decay=0.0, batch_size=16, seed=3, augment=AugmentParams())
+    weights = []
+    for noise in (0, 1000):
+        torch.manual_seed(0)
+        model = create_model("tinyvgg", 2)
+        torch.rand(noise)  # whatever the process did before training
+        before = torch.get_rng_state()
+        train_classifier(model, spec, ["a", "b"], Rows(store, idx[:36], y[:36]), Rows(store, idx[36:], y[36:]),
+                         tmp_path / f"r{noise}")
+        assert torch.equal(torch.get_rng_state(), before)  # the caller's generator is left alone
+        weights.append(model.state_dict())
+    for k in weights[0]:
+        torch.testing.assert_close(weights[0][k], weights[1][k], rtol=0, atol=0, msg=k)

@@ -11,13 +11,20 @@ from tqdm import tqdm
 from pipeline.config import Params, Paths
 from pipeline.data.labels import CANONICAL_LABELS
 from pipeline.data.manifest import BOX_COLUMNS, validate_manifest
-from pipeline.data.record import Record
+from pipeline.data.record import Quarantined, Record
+from pipeline.data.sources.common import id_salt
 from pipeline.data.store import ArrayStoreWriter
-from pipeline.io import write_json, write_parquet
+from pipeline.io import write_json, write_parquet, write_text
 
 log = logging.getLogger(__name__)
 
 GRID_MAX = 100  # fixed test images shown per cycle, chosen once here
+
+
+def write_quarantine(path, items: list[Quarantined]) -> None:
+    """reports/quarantine.csv: one row per unusable file (header only when there is none)."""
+    frame = pd.DataFrame([(q.source_path, q.reason) for q in items], columns=["source_path", "reason"])
+    write_text(path, frame.to_csv(index=False))
 
 
 def source_module(name: str):
@@ -53,15 +60,20 @@ def _choose_grid(manifest: pd.DataFrame, labels: list[str], seed: int) -> list[s
 
 
 def prepare(params: Params, paths: Paths) -> dict:
-    """Write every prepared artefact; returns a small summary (counts per split and label)."""
+    """Write every prepared artefact and reports/quarantine.csv; returns a small summary."""
     module = source_module(params.data.source)
     size = params.data.image_size
     rows: list[dict] = []
     boxes: list[tuple] = []
+    quarantined: list[Quarantined] = []
     images = ArrayStoreWriter(paths.images, (size, size), np.uint8, params.data.shard_size,
                               attrs={"source": params.data.source})
     masks = None
-    for rec in tqdm(module.records(params), desc="prepare", unit="img", mininterval=2):
+    for rec in tqdm(module.records(params, id_salt(paths.root)), desc="prepare", unit="img", mininterval=2):
+        if isinstance(rec, Quarantined):
+            log.warning("quarantined %s: %s", rec.source_path, rec.reason)
+            quarantined.append(rec)
+            continue
         rec: Record
         if rec.image.shape != (size, size) or rec.image.dtype != np.uint8:
             raise ValueError(f"source {params.data.source} yielded {rec.image.shape}/{rec.image.dtype} "
@@ -81,8 +93,10 @@ def prepare(params: Params, paths: Paths) -> dict:
         row.update(rec.meta)
         rows.append(row)
         boxes += [(rec.image_id, *box) for box in rec.boxes]
+    write_quarantine(paths.quarantine, quarantined)
     if not rows:
-        raise ValueError(f"data.source {params.data.source!r} yielded no images")
+        raise ValueError(f"data.source {params.data.source!r} yielded no usable images "
+                         f"({len(quarantined)} quarantined, see {paths.quarantine})")
     manifest = validate_manifest(pd.DataFrame(rows))
     for label in CANONICAL_LABELS:
         manifest[label] = manifest[label].astype("float32")
@@ -97,7 +111,7 @@ def prepare(params: Params, paths: Paths) -> dict:
         "n_images": len(manifest), "n_patients": int(manifest["patient_id"].nunique()),
         "splits": manifest["split"].value_counts().to_dict(),
         "positives": {lab: int((manifest[lab] == 1).sum()) for lab in labels},
-        "has_gt_masks": masks is not None, "n_boxes": len(boxes),
+        "has_gt_masks": masks is not None, "n_boxes": len(boxes), "quarantined": len(quarantined),
     }
     log.info("prepared %s", summary)
     return summary

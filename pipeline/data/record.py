@@ -24,6 +24,13 @@ class Record:
     meta: dict = field(default_factory=dict)  # optional: age_years, sex, and source-specific columns
 
 
+@dataclass
+class Quarantined:
+    """A file a source could not use: listed in reports/quarantine.csv, and the run goes on."""
+    source_path: str                  # relative to data.root
+    reason: str                       # one line; never a patient identifier
+
+
 def encode_anatomy(lungs: np.ndarray, heart: np.ndarray) -> np.ndarray:
     return (lungs.astype(np.uint8) * LUNGS_BIT) | (heart.astype(np.uint8) * HEART_BIT)
 

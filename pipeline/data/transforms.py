@@ -16,10 +16,11 @@ NORMALISATION = {"mean": 0.5, "std": 0.25, "channels": 3}
 
 
 def to_model_input(images: np.ndarray | torch.Tensor, normalisation: dict = NORMALISATION) -> torch.Tensor:
-    """uint8 (N, H, W) -> float32 (N, 3, H, W), normalised; grayscale repeated for 3-channel nets."""
+    """uint8 (N, H, W) -> float32 (N, 3, H, W) channels-last, normalised; grayscale repeated for 3-channel nets."""
     x = torch.as_tensor(np.asarray(images)).float().div_(255.0)
     x = x.sub_(normalisation["mean"]).div_(normalisation["std"])
-    return x.unsqueeze(1).expand(-1, normalisation["channels"], -1, -1).contiguous()
+    x = x.unsqueeze(1).expand(-1, normalisation["channels"], -1, -1)
+    return x.contiguous(memory_format=torch.channels_last)  # the layout models are built in (registry)
 
 
 def augmentation(p: AugmentParams, seed: int) -> A.Compose:

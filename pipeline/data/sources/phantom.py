@@ -27,7 +27,8 @@ def _marker_agrees(rng: np.random.Generator, split: str, p: float) -> bool:
     return (not agree) if split == "test_shifted" else agree
 
 
-def records(params: Params) -> Iterator[Record]:
+def records(params: Params, salt: str = "") -> Iterator[Record]:
+    """Phantom images need no decoding and have no real identifiers (`salt` is unused)."""
     ph, size, seed = params.phantom, params.data.image_size, params.data.seed
     unknown = set(ph.shortcut_labels) - set(phantom.SHORTCUT_MARKERS)
     if unknown:

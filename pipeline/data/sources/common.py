@@ -1,0 +1,140 @@
+"""What every real-dataset adapter shares: reading an image into the prepared square, mapping boxes
+the same way, pseudonymous ids, and patient-level splits.
+
+An adapter is a module with `records(params, salt) -> Iterator[Record | Quarantined]`; it decodes
+through `read_image`, so every source fits, crops and scales images (and their boxes) identically,
+and a file that cannot be read becomes a `Quarantined` row instead of an error.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import cv2
+import numpy as np
+
+from pipeline.config import DataParams
+from pipeline.data.decode import Decoded, DecodeError, decode, salted_hash
+from pipeline.data.manifest import patient_split
+from pipeline.data.record import Quarantined, Record
+
+log = logging.getLogger(__name__)
+
+SALT_ENV = "CXR_ID_SALT"
+SALT_FILE = Path(".cxr") / "id_salt"
+
+
+def id_salt(project_root: str | os.PathLike = ".") -> str:
+    """The secret that pseudonymises patient ids: $CXR_ID_SALT, else a random one kept (chmod 600)
+    in <project>/.cxr/id_salt, created on first use. Never written to outputs."""
+    if os.environ.get(SALT_ENV):
+        return os.environ[SALT_ENV]
+    path = Path(project_root) / SALT_FILE
+    if not path.is_file():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as fh:
+            fh.write(secrets.token_hex(16))
+    return path.read_text().strip()
+
+
+def pseudonym(value: str, salt: str) -> str:
+    return salted_hash(str(value), salt)
+
+
+@dataclass(frozen=True)
+class Fit:
+    """How original pixel (x, y) maps into the prepared square: trim, then scale and offset."""
+    x0: float
+    y0: float
+    sx: float
+    sy: float
+    ox: float
+    oy: float
+    size: int
+
+    def box(self, x: float, y: float, w: float, h: float) -> tuple[int, int, int, int] | None:
+        """An original-pixel box in prepared pixels, clipped to the image; None if nothing is left."""
+        x1, y1 = (x - self.x0) * self.sx + self.ox, (y - self.y0) * self.sy + self.oy
+        x2, y2 = x1 + w * self.sx, y1 + h * self.sy
+        x1, y1, x2, y2 = (float(np.clip(v, 0, self.size)) for v in (x1, y1, x2, y2))
+        if x2 - x1 < 1 or y2 - y1 < 1:
+            return None
+        return int(round(x1)), int(round(y1)), max(1, int(round(x2 - x1))), max(1, int(round(y2 - y1)))
+
+
+def plan_fit(height: int, width: int, p: DataParams) -> Fit:
+    """The trim / stretch / crop / pad that turns an (height, width) image into p.image_size²."""
+    S = p.image_size
+    x0, y0 = p.center_crop * width, p.center_crop * height
+    w, h = width - 2 * x0, height - 2 * y0
+    if p.fit == "stretch":
+        return Fit(x0, y0, S / w, S / h, 0.0, 0.0, S)
+    if p.fit == "crop":  # keep the centre square
+        side = min(w, h)
+        return Fit(x0 + (w - side) / 2, y0 + (h - side) / 2, S / side, S / side, 0.0, 0.0, S)
+    scale = S / max(w, h)  # pad: the whole image, letterboxed with black
+    return Fit(x0, y0, scale, scale, (S - w * scale) / 2, (S - h * scale) / 2, S)
+
+
+def fit_square(pixels: np.ndarray, p: DataParams) -> tuple[np.ndarray, Fit]:
+    """float [0, 1] (H, W) -> uint8 (S, S) by `plan_fit`; a large film is first shrunk by an integer
+    factor with area averaging, so nothing aliases. Pixel edges sit at integer coordinates."""
+    H, W = pixels.shape
+    fit = plan_fit(H, W, p)
+    src = pixels.astype(np.float32)
+    k = int(min(1 / fit.sx, 1 / fit.sy))
+    if k > 1:
+        src = cv2.resize(src, (max(1, W // k), max(1, H // k)), interpolation=cv2.INTER_AREA)
+    rw, rh = W / src.shape[1], H / src.shape[0]
+    M = np.float32([[fit.sx * rw, 0, (0.5 * rw - fit.x0) * fit.sx + fit.ox - 0.5],
+                    [0, fit.sy * rh, (0.5 * rh - fit.y0) * fit.sy + fit.oy - 0.5]])
+    out = cv2.warpAffine(src, M, (fit.size, fit.size), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT,
+                         borderValue=0)
+    return np.clip(out * 255 + 0.5, 0, 255).astype(np.uint8), fit
+
+
+def read_image(path: Path, p: DataParams, salt: str = "") -> tuple[np.ndarray, Fit, Decoded]:
+    """Decode and fit one file; raises DecodeError (the caller quarantines it)."""
+    decoded = decode(path, max_pixels=p.max_pixels, id_salt=salt)
+    if decoded.pixels.ndim != 2 or min(decoded.pixels.shape) < 8:
+        raise DecodeError(f"image of shape {decoded.pixels.shape} is too small or not 2-D")
+    image, fit = fit_square(decoded.pixels, p)
+    return image, fit, decoded
+
+
+def assign_splits(patients: Iterable[str], p: DataParams, fixed: dict[str, str] | None = None) -> dict[str, str]:
+    """patient -> split. Patients in `fixed` (an official split) keep theirs; the others are drawn by
+    patient with the val/test fractions of `data.split` renormalised to what is left to draw.
+    Real data has no planted shortcut, so there is never a `test_shifted` split."""
+    fixed = dict(fixed or {})
+    free = sorted(set(map(str, patients)) - set(fixed))
+    fractions = {"val": p.split.val, "test": 0.0 if "test" in fixed.values() else p.split.test}
+    if "val" in fixed.values():
+        fractions["val"] = 0.0
+    fixed.update(patient_split(free, fractions, p.seed))
+    return fixed
+
+
+def limited(items: Iterable, p: DataParams) -> Iterator:
+    """The first `data.limit` items (all when unset)."""
+    for k, item in enumerate(items):
+        if p.limit is not None and k >= p.limit:
+            return
+        yield item
+
+
+def image_record(root: Path, rel: str, p: DataParams, salt: str, **fields) -> Record | Quarantined:
+    """A Record for `root/rel` with the given fields (labels, ids, split, boxes in original pixels as
+    `boxes_px`), or a Quarantined row when the file cannot be used."""
+    try:
+        image, fit, decoded = read_image(root / rel, p, salt)
+    except DecodeError as err:
+        return Quarantined(rel, str(err))
+    boxes = [(label, *b) for label, *box in fields.pop("boxes_px", []) if (b := fit.box(*box)) is not None]
+    view = fields.pop("view", None) or decoded.view or "PA"
+    return Record(image=image, source_path=rel, view=view, boxes=boxes, **fields)
