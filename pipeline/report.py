@@ -132,6 +132,7 @@ def build_report(params: Params, paths: Paths, stop_reason: str | None = None,
     enhance_stats = {c["cycle"]: read_json(p) for c in cycles[1:]
                      if (p := paths.root / "reports" / "enhance" / f"c{c['cycle']}" / "stats.json").is_file()}
     result["segmentation"] = seg_scores
+    result["quarantined"] = len(pd.read_csv(paths.quarantine)) if paths.quarantine.is_file() else 0
     write_json(paths.summary, result)
     trends = pd.DataFrame([headline(c) for c in cycles])[["cycle", *TABLE_KEYS, "auroc_shifted"]]
     write_text(paths.root / "reports" / "trends.csv", trends.to_csv(index=False))
@@ -152,7 +153,9 @@ def _html(params: Params, result: dict, cycles: list[dict], pictures, seg, enhan
         "<!doctype html><meta charset='utf-8'><title>CXR refinement report</title>", _STYLE,
         f"<h1>Refinement report — {esc(result['dataset'])}</h1>",
         f"<p>Labels: {esc(', '.join(result['labels']))}. Enhancement policy: <b>{esc(params.enhance.policy)}</b>. "
-        f"Stop: {esc(result['stop_reason'])}. Served model: cycle {serve}.</p>",
+        f"Stop: {esc(result['stop_reason'])}. Served model: cycle {serve}. "
+        f"Files quarantined (unreadable, left out): {result['quarantined']}"
+        + (" — see <a href='quarantine.csv'>quarantine.csv</a>" if result["quarantined"] else "") + ".</p>",
         "<p>Every figure is measured on <b>unmodified</b> test images. <i>accuracy_shifted</i> is accuracy on "
         "<code>test_shifted</code>, where a planted shortcut (phantom) disagrees with the label; "
         "<i>shortcut_gap</i> = accuracy − accuracy_shifted. <i>pointing_game</i>: share of positive findings "
