@@ -1,30 +1,77 @@
 """One safe decoder for PNG, JPEG and DICOM: file -> float32 (H, W) in [0, 1], 0 = black (air).
 
 Every source and the viewer decode through here, so an image means the same thing everywhere.
-Anything that cannot be used raises DecodeError with a one-line reason that names no patient
-(sources quarantine the file and go on).
+Anything that cannot be used raises DecodeError with a one-line reason that names no patient and no
+path (sources quarantine the file and go on; the viewer answers 4xx). Untrusted input is assumed:
+
+- size is checked before pixels are decoded: bytes against `max_bytes`, header dimensions against
+  `max_pixels` (PIL's own decompression-bomb warning is an error here, its limit still applies);
+- truncated files are errors (PIL's LOAD_TRUNCATED_IMAGES is left alone, i.e. off);
+- every exception from PIL, pydicom, its pixel plugins or numpy, MemoryError included, becomes a
+  DecodeError naming only the exception type; no traceback or library message (which may quote a
+  path or a header value) gets out;
+- warnings and pydicom's log output are silenced while decoding: pydicom's value-validation
+  messages quote header values such as PatientName.
+
+Rasters (PNG, JPEG; also GIF, TIFF, BMP, WebP, which mask datasets ship): EXIF orientation is
+applied; colour becomes ITU-R 601 luma; alpha is composited on black (transparent = air), so a
+cut-out film does not turn its background white; animated or multi-page files give their first
+frame (info["animated"] says so). 16-bit samples are divided by 2**b - 1 with b the smallest of
+8/10/12/14/16 bits that holds the brightest sample, because 12-bit detector data is commonly stored
+unscaled in 16-bit PNGs (dividing by 65535 would give a black film, by 255 would clip it).
+
+DICOM: modality LUT (RescaleSlope/Intercept), then the VOI LUT or the first WindowCenter/Width, then
+min-max to [0, 1], then MONOCHROME1 inverted. Min-max because the output range of a VOI transform
+(or of raw detector values when there is none) is not fixed by the standard: pydicom derives it
+from BitsStored and the rescale, so only the relative values carry meaning. Compressed syntaxes
+decode through pydicom's plugins (pillow, pylibjpeg-*); multi-frame files are refused, colour
+(RGB, YBR, palette) becomes luma. Files without the 128-byte preamble are recognised when no raster
+decoder accepts them and pydicom finds pixel data in them.
+
+Process-global state (the warnings filters, pydicom's validation mode and logger) is switched
+only under one lock, so decodes are serialised within a process; decode in processes to go
+parallel.
 """
 from __future__ import annotations
 
 import hashlib
 import io
+import logging
+import math
 import os
+import re
+import threading
+import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 
 DEFAULT_MAX_PIXELS = 60_000_000
+DEFAULT_MAX_BYTES = 512 * 2**20  # an uncompressed 16-bit 60-Mpixel DICOM is 120 MB
+RASTER_FORMATS = ("PNG", "JPEG", "GIF", "TIFF", "BMP", "WEBP")  # JPEG covers MPO; no EPS (Ghostscript) etc.
+
+_STATE_LOCK = threading.RLock()
+_LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)
+_CS = re.compile(r"[A-Z0-9 _]{1,16}")  # DICOM code string: what a ViewPosition may look like
+_PHOTOMETRIC = {"MONOCHROME1", "MONOCHROME2", "RGB", "PALETTE COLOR", "YBR_FULL", "YBR_FULL_422",
+                "YBR_ICT", "YBR_RCT", "YBR_PARTIAL_420"}
 
 
 class DecodeError(ValueError):
     """The file cannot be used. The message is one line and safe to store (no identifiers, no paths)."""
 
 
+class _NotDicom(Exception):
+    """Raised by a forced read that found no DICOM image: the caller reports 'not an image'."""
+
+
 @dataclass
 class Decoded:
     pixels: np.ndarray                  # float32 (H, W) in [0, 1]; 0 = black (air), as a reader sees it
-    format: str                         # "png" | "jpeg" | "dicom"
+    format: str                         # "png" | "jpeg" | "dicom" (or "gif", "tiff", "bmp", "webp")
     view: str | None = None             # "PA", "AP", "LL", ... from DICOM ViewPosition when present
     patient_hash: str | None = None     # salted hash of a DICOM PatientID; the ID itself is never kept
     info: dict = field(default_factory=dict)  # non-identifying: original size, bit depth, photometric
@@ -35,59 +82,275 @@ def salted_hash(value: str, salt: str, n: int = 16) -> str:
     return hashlib.sha256(f"{salt}\x00{value}".encode()).hexdigest()[:n]
 
 
-def _read(source: str | os.PathLike | bytes) -> bytes:
-    if isinstance(source, (bytes, bytearray)):
-        return bytes(source)
-    try:
-        return Path(source).read_bytes()
-    except OSError as err:
-        raise DecodeError(f"cannot read file: {err.strerror or type(err).__name__}") from None
+@contextmanager
+def quiet_pydicom() -> Iterator[None]:
+    """Silence pydicom while DICOM headers are read: its value-validation warnings (also sent to its
+    logger) may quote header values such as the PatientID. Warnings of any origin are ignored in the
+    block, since pydicom attributes some to its caller. Holds the module lock (re-entrant), because
+    the switched settings are process-global."""
+    import pydicom.config
+
+    with _STATE_LOCK, warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        settings, log = pydicom.config.settings, logging.getLogger("pydicom")
+        saved_mode, saved_disabled = settings.reading_validation_mode, log.disabled
+        settings.reading_validation_mode, log.disabled = pydicom.config.IGNORE, True
+        try:
+            yield
+        finally:
+            settings.reading_validation_mode, log.disabled = saved_mode, saved_disabled
 
 
 def decode(source: str | os.PathLike | bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS,
-           id_salt: str = "") -> Decoded:
+           id_salt: str = "", max_bytes: int = DEFAULT_MAX_BYTES) -> Decoded:
     """Decode PNG, JPEG or DICOM (by content, not by name) into a grayscale float image."""
-    data = _read(source)
-    if len(data) >= 132 and data[128:132] == b"DICM":
-        return _decode_dicom(data, max_pixels, id_salt)
-    return _decode_raster(data, max_pixels)
+    data = _read(source, max_bytes)
+    if not data:
+        raise DecodeError("empty file")
+    try:
+        with quiet_pydicom():
+            if len(data) >= 132 and data[128:132] == b"DICM":
+                return _decode_dicom(data, max_pixels, id_salt, force=False)
+            return _decode_raster_or_raw_dicom(data, max_pixels, id_salt)
+    except DecodeError:
+        raise
+    except MemoryError:
+        raise DecodeError("out of memory while decoding") from None
+    except Exception as err:  # noqa: BLE001 - libraries raise anything on hostile input
+        raise DecodeError(f"unreadable image ({type(err).__name__})") from None
+
+
+def _read(source: str | os.PathLike | bytes, max_bytes: int) -> bytes:
+    """The file's bytes, never more than max_bytes + 1 read (a FIFO or /dev/zero cannot hang us)."""
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        data = bytes(source)
+    else:
+        try:
+            with Path(source).open("rb") as fh:
+                data = fh.read(max_bytes + 1)
+        except OSError as err:
+            raise DecodeError(f"cannot read file: {err.strerror or type(err).__name__}") from None
+    if len(data) > max_bytes:
+        raise DecodeError(f"file exceeds the limit of {max_bytes} bytes")
+    return data
+
+
+def _check_pixels(width: int, height: int, max_pixels: int, frames: int = 1) -> None:
+    if width <= 0 or height <= 0:
+        raise DecodeError(f"image has no pixels ({width}x{height})")
+    if width * height * max(frames, 1) > max_pixels:
+        extra = f"x{frames} frames" if frames > 1 else ""
+        raise DecodeError(f"{width}x{height}{extra} pixels exceed the limit of {max_pixels}")
+
+
+# ---------------------------------------------------------------------------------------- rasters
+
+def _decode_raster_or_raw_dicom(data: bytes, max_pixels: int, id_salt: str) -> Decoded:
+    from PIL import UnidentifiedImageError
+
+    try:
+        return _decode_raster(data, max_pixels)
+    except UnidentifiedImageError:
+        pass
+    try:  # a DICOM dataset without preamble: accepted only when it holds pixel data
+        return _decode_dicom(data, max_pixels, id_salt, force=True)
+    except _NotDicom:
+        raise DecodeError("not a PNG, JPEG or DICOM image") from None
 
 
 def _decode_raster(data: bytes, max_pixels: int) -> Decoded:
+    """Raises UnidentifiedImageError (for the DICOM fallback) when no allowed format matches."""
     from PIL import Image, ImageOps, UnidentifiedImageError
 
-    try:
-        with Image.open(io.BytesIO(data)) as im:
-            fmt = (im.format or "").lower()
-            if im.width * im.height > max_pixels:
-                raise DecodeError(f"{im.width}x{im.height} pixels exceed the limit of {max_pixels}")
-            im = ImageOps.exif_transpose(im)
-            arr = np.asarray(im.convert("L"), dtype=np.float32) / 255.0
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as err:
-        if isinstance(err, DecodeError):
+    with warnings.catch_warnings():  # PIL's bomb warning is an error here, and only here
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        try:
+            im = Image.open(io.BytesIO(data), formats=RASTER_FORMATS)
+        except UnidentifiedImageError:
             raise
-        raise DecodeError(f"not a readable PNG/JPEG/DICOM image ({type(err).__name__})") from None
-    return Decoded(arr, "jpeg" if fmt in ("jpeg", "mpo") else fmt, info={"width": arr.shape[1], "height": arr.shape[0]})
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+            raise DecodeError(f"image dimensions exceed PIL's limit of {Image.MAX_IMAGE_PIXELS} pixels") from None
+        except (OSError, SyntaxError, ValueError, EOFError) as err:  # a known signature, then garbage
+            raise DecodeError(f"truncated or corrupt image header ({type(err).__name__})") from None
+        with im:
+            fmt = (im.format or "").lower()
+            _check_pixels(im.width, im.height, max_pixels)
+            info = {"width": im.width, "height": im.height, "mode": im.mode}
+            if getattr(im, "is_animated", False):
+                info["animated"] = True
+                im.seek(0)
+            try:
+                im.load()
+            except OSError as err:  # not LOAD_TRUNCATED_IMAGES: a short file is an error
+                raise DecodeError(f"truncated or corrupt {fmt.upper()} image ({type(err).__name__})") from None
+            try:
+                upright = ImageOps.exif_transpose(im)
+            except Exception as err:  # noqa: BLE001 - a film of unknown orientation is not used
+                raise DecodeError(f"unreadable EXIF orientation ({type(err).__name__})") from None
+            arr = _gray(upright)
+        info["width"], info["height"] = arr.shape[1], arr.shape[0]  # as displayed, after EXIF rotation
+    if not np.isfinite(arr).all():
+        raise DecodeError("image has non-finite pixel values")
+    return Decoded(arr, "jpeg" if fmt in ("jpeg", "mpo") else fmt, info=info)
 
 
-def _decode_dicom(data: bytes, max_pixels: int, id_salt: str) -> Decoded:
+def _gray(im) -> np.ndarray:
+    """Any PIL mode -> float32 (H, W) in [0, 1]."""
+    mode = im.mode
+    if mode in ("1", "L"):
+        return np.asarray(im.convert("L"), dtype=np.float32) / 255.0
+    if mode.startswith("I") or mode == "F":
+        return _scale_high_depth(np.asarray(im))
+    if mode in ("P", "PA"):
+        im = im.convert("RGBA" if mode == "PA" or "transparency" in im.info else "RGB")
+    elif mode in ("La", "RGBa"):  # premultiplied: back to straight alpha, composited below
+        im = im.convert(mode.upper())
+    elif mode not in ("LA", "RGB", "RGBA", "RGBX"):
+        im = im.convert("RGB")  # CMYK, YCbCr, LAB, HSV
+    gray = np.asarray(im.convert("L"), dtype=np.float32) / 255.0
+    if im.mode in ("LA", "RGBA"):
+        gray *= np.asarray(im.getchannel("A"), dtype=np.float32) / 255.0  # composite on black
+    return gray
+
+
+def _scale_high_depth(a: np.ndarray) -> np.ndarray:
+    """16/32-bit integer or float samples -> [0, 1]: non-negative integers up to 16 bits by the
+    smallest bit depth that holds them, floats already in [0, 1] as they are, anything else by its
+    own range."""
+    integral = a.dtype.kind in "iu"
+    a = a.astype(np.float32)
+    if a.size == 0:
+        return a
+    lo, hi = float(a.min()), float(a.max())
+    if not (math.isfinite(lo) and math.isfinite(hi)):
+        raise DecodeError("image has non-finite pixel values")
+    if integral and lo >= 0 and hi <= 65535:
+        bits = next(b for b in (8, 10, 12, 14, 16) if hi < 2**b)
+        return a / float(2**bits - 1)
+    if not integral and lo >= 0 and hi <= 1:
+        return a
+    return _min_max(a)
+
+
+def _min_max(a: np.ndarray) -> np.ndarray:
+    lo, hi = float(a.min()), float(a.max())
+    if not (math.isfinite(lo) and math.isfinite(hi)):
+        raise DecodeError("DICOM pixel values are not finite")
+    if hi <= lo:
+        return np.zeros(a.shape, dtype=np.float32)
+    return ((a - lo) / (hi - lo)).astype(np.float32)
+
+
+# ------------------------------------------------------------------------------------------ DICOM
+
+def _decode_dicom(data: bytes, max_pixels: int, id_salt: str, *, force: bool) -> Decoded:
+    ds = _read_dataset(data, force)
+    if not any(k in ds for k in ("PixelData", "FloatPixelData", "DoubleFloatPixelData")):
+        if force:
+            raise _NotDicom
+        raise DecodeError("DICOM has no pixel data")
+    rows, cols = _int_tag(ds, "Rows"), _int_tag(ds, "Columns")
+    frames = _int_tag(ds, "NumberOfFrames", 1)
+    samples = _int_tag(ds, "SamplesPerPixel", 1)
+    _check_pixels(cols, rows, max_pixels, frames)
+    if frames > 1:
+        raise DecodeError(f"multi-frame DICOM ({frames} frames) is not supported")
+    if samples not in (1, 3):
+        raise DecodeError(f"DICOM with {samples} samples per pixel is not supported")
+
+    syntax = _transfer_syntax(ds)
+    decoder = _decoder(syntax)
+    try:
+        arr, meta = decoder.as_array(ds, index=0)
+    except (ValueError, OSError, EOFError, RuntimeError) as err:  # short or corrupt pixel data
+        raise DecodeError(f"truncated or corrupt DICOM pixel data ({type(err).__name__})") from None
+    photometric = str(meta.get("photometric_interpretation") or ds.get("PhotometricInterpretation", ""))
+    arr = _dicom_gray(arr, ds, photometric)
+    pid = str(ds.get("PatientID", "") or "").strip()
+    view = str(ds.get("ViewPosition", "") or "").strip().upper()
+    info = {"width": cols, "height": rows, "bits_stored": _int_tag(ds, "BitsStored", 0),
+            "signed": bool(_int_tag(ds, "PixelRepresentation", 0)),
+            "photometric": photometric if photometric in _PHOTOMETRIC else "other",
+            "transfer_syntax": _syntax_name(syntax)}
+    return Decoded(arr, "dicom", view=view if _CS.fullmatch(view) else None,
+                   patient_hash=salted_hash(pid, id_salt) if pid else None, info=info)
+
+
+def _read_dataset(data: bytes, force: bool):
     import pydicom
+    from pydicom.uid import UID
 
     try:
-        ds = pydicom.dcmread(io.BytesIO(data))
-        rows, cols = int(ds.Rows), int(ds.Columns)
-        if rows * cols > max_pixels:
-            raise DecodeError(f"{cols}x{rows} pixels exceed the limit of {max_pixels}")
-        arr = ds.pixel_array.astype(np.float32)
-    except DecodeError:
-        raise
-    except Exception as err:  # pydicom raises many types for broken files
+        ds = pydicom.dcmread(io.BytesIO(data), force=force)
+    except Exception as err:  # noqa: BLE001 - any parse failure
+        if force:
+            raise _NotDicom from None
         raise DecodeError(f"unreadable DICOM ({type(err).__name__})") from None
-    lo, hi = float(arr.min()), float(arr.max())
-    arr = (arr - lo) / (hi - lo) if hi > lo else np.zeros_like(arr)
-    if str(ds.get("PhotometricInterpretation", "")) == "MONOCHROME1":
-        arr = 1.0 - arr
-    pid = ds.get("PatientID")
-    return Decoded(arr, "dicom", view=str(ds.get("ViewPosition", "")) or None,
-                   patient_hash=salted_hash(str(pid), id_salt) if pid else None,
-                   info={"width": cols, "height": rows})
+    if "TransferSyntaxUID" not in ds.file_meta:
+        # a raw dataset (or a meta without it): name the encoding pydicom read, to choose the pixel decoder
+        implicit, little = ds.original_encoding
+        if implicit is None or little is None:
+            if force:
+                raise _NotDicom
+            raise DecodeError("DICOM has no transfer syntax")
+        ds.file_meta.TransferSyntaxUID = UID(
+            "1.2.840.10008.1.2" if implicit else "1.2.840.10008.1.2.1" if little else "1.2.840.10008.1.2.2")
+    return ds
+
+
+def _int_tag(ds, keyword: str, default: int | None = None) -> int:
+    value = ds.get(keyword)
+    if value is None or value == "":
+        if default is None:
+            raise DecodeError(f"DICOM {keyword} is missing")
+        return default
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        raise DecodeError(f"DICOM {keyword} is invalid") from None
+
+
+def _transfer_syntax(ds):
+    from pydicom.uid import UID
+
+    uid = ds.file_meta.get("TransferSyntaxUID")
+    if not uid:
+        raise DecodeError("DICOM has no transfer syntax")
+    return UID(str(uid))
+
+
+def _syntax_name(uid) -> str:
+    """The registered name, or the UID itself if it looks like one; never free text from the file."""
+    if uid.is_valid and uid.name != str(uid):
+        return uid.name
+    return str(uid) if re.fullmatch(r"[0-9.]{1,64}", str(uid)) else "an unknown transfer syntax"
+
+
+def _decoder(uid):
+    from pydicom.pixels import get_decoder
+
+    try:
+        decoder = get_decoder(uid)
+    except NotImplementedError:
+        raise DecodeError(f"no decoder for {_syntax_name(uid)}") from None
+    if not decoder.is_available:
+        raise DecodeError(f"no decoder for {_syntax_name(uid)} installed") from None
+    return decoder
+
+
+def _dicom_gray(arr: np.ndarray, ds, photometric: str) -> np.ndarray:
+    """Stored values -> display values -> [0, 1], 0 = black."""
+    from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi_lut
+
+    if photometric == "PALETTE COLOR":
+        arr = apply_color_lut(arr, ds)
+    if arr.ndim == 3:  # colour, already RGB (pydicom converts YBR): luma, no LUTs (they are for grayscale)
+        return _min_max(arr[..., :3].astype(np.float32) @ _LUMA)
+    if arr.ndim != 2:
+        raise DecodeError(f"DICOM pixel array has shape {arr.shape}")
+    arr = apply_modality_lut(arr, ds)
+    arr = apply_voi_lut(arr, ds, index=0)  # VOI LUT sequence first, else the first window
+    out = _min_max(np.asarray(arr, dtype=np.float64))
+    if photometric == "MONOCHROME1":
+        out = 1.0 - out
+    return out.astype(np.float32, copy=False)

@@ -12,7 +12,7 @@ import os
 import secrets
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Callable, Iterable, Iterator
 
 import cv2
 import numpy as np
@@ -138,3 +138,62 @@ def image_record(root: Path, rel: str, p: DataParams, salt: str, **fields) -> Re
     boxes = [(label, *b) for label, *box in fields.pop("boxes_px", []) if (b := fit.box(*box)) is not None]
     view = fields.pop("view", None) or decoded.view or "PA"
     return Record(image=image, source_path=rel, view=view, boxes=boxes, **fields)
+
+
+# -- folder datasets with official splits (kermany, cardiomegaly, chexpert) ------------------------
+
+JUNK_NAMES = {".ds_store", "thumbs.db", "desktop.ini"}
+SPLIT_RANK = {"train": 0, "val": 1, "test": 2}
+
+
+def is_junk(name: str) -> bool:
+    """OS litter that zips and file browsers leave beside the films (``__MACOSX/``, ``._*``, ...)."""
+    return name == "__MACOSX" or name.startswith(".") or name.lower() in JUNK_NAMES
+
+
+def subfolders(folder: Path | None) -> dict[str, Path]:
+    """Sub-folders by upper-cased name (dataset folder names are matched case-insensitively)."""
+    if folder is None or not folder.is_dir():
+        return {}
+    return {c.name.upper(): c for c in sorted(folder.iterdir()) if c.is_dir() and not is_junk(c.name)}
+
+
+def first_n(items: list, p: DataParams, group: Callable) -> list:
+    """All items, or `data.limit` of them taken in turn from each `group(item)` (groups in sorted
+    order, each in list order), so that a quick look still has every split and class; the chosen
+    items keep their order in `items`."""
+    if p.limit is None:
+        return list(items)
+    groups: dict = {}
+    for k, it in enumerate(items):
+        groups.setdefault(group(it), []).append(k)
+    lists = [groups[key] for key in sorted(groups)]
+    order = [g[k] for k in range(max(map(len, lists), default=0)) for g in lists if k < len(g)]
+    chosen = set(limited(order, p))
+    return [it for k, it in enumerate(items) if k in chosen]
+
+
+def home_splits(pairs: Iterable[tuple[str, str]]) -> dict[str, str]:
+    """patient -> the highest official split (test > val > train) among (patient, official) pairs."""
+    home: dict[str, str] = {}
+    for patient, official in pairs:
+        if patient not in home or SPLIT_RANK[official] > SPLIT_RANK[home[patient]]:
+            home[patient] = official
+    return home
+
+
+def official_splits(items: list, p: DataParams, official: Callable[[object], str]) -> Iterator[tuple]:
+    """(item, split) for items with `.patient` and `.rel`, honouring official splits by patient.
+
+    A patient keeps its highest official split (`home_splits`); patients whose home is train are
+    drawn train/val (and test when no official test exists) by `assign_splits`. An item filed in an
+    official split other than its patient's home comes back as (item, Quarantined) instead, so
+    that no patient spans two splits."""
+    home = home_splits((it.patient, official(it)) for it in items)
+    split_of = assign_splits(home, p, fixed={pt: s for pt, s in home.items() if s != "train"})
+    for it in items:
+        if official(it) != home[it.patient]:
+            yield it, Quarantined(it.rel, f"patient also has films in the official {home[it.patient]} split; "
+                                          "left out so that no patient spans two splits")
+        else:
+            yield it, split_of[it.patient]
