@@ -10,7 +10,8 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator,
+                      model_validator)
 
 SOURCES = ("phantom", "kermany", "chexpert", "rsna", "nih", "cardiomegaly")
 
@@ -156,7 +157,7 @@ class TrainParams(_Section):
     model_kwargs: dict = {}                       # builder options, e.g. {head: bn_mlp, pool: max}
     # partial fine-tuning: only the last N parameter tensors, or only these named modules, train
     trainable_last_n: int | None = Field(None, ge=1)
-    trainable_blocks: list[str] | None = None
+    trainable_blocks: list[str] | None = Field(None, min_length=1)
 
     @model_validator(mode="after")
     def _one_freeze_rule(self):
@@ -171,6 +172,34 @@ class TrainParams(_Section):
 
         if v not in list_models():
             raise ValueError(f"unknown architecture {v!r}; registered: {', '.join(list_models())}")
+        return v
+
+    @field_validator("model_kwargs")
+    @classmethod
+    def _options_of_arch(cls, v: dict, info: ValidationInfo) -> dict:
+        """Checked against the builder's typed signature (pipeline/models/zoo.py); values kept as written."""
+        from pipeline.models.registry import validate_kwargs
+
+        if "arch" in info.data:  # else the arch itself is the error
+            validate_kwargs(info.data["arch"], v)
+        return v
+
+    @field_validator("trainable_blocks")
+    @classmethod
+    def _blocks_exist(cls, v: list[str] | None, info: ValidationInfo) -> list[str] | None:
+        """Module names are checked on a weightless (meta-device) build: a typo fails in a second."""
+        if v is None or "arch" not in info.data or "model_kwargs" not in info.data:
+            return v
+        import torch
+
+        from pipeline.models.freeze import check_blocks
+        from pipeline.models.registry import model_spec, validate_kwargs
+
+        arch = info.data["arch"]
+        with torch.device("meta"):
+            model = model_spec(arch).builder(num_classes=1, image_size=None,
+                                             **validate_kwargs(arch, info.data["model_kwargs"]))
+        check_blocks(model, v)
         return v
 
     @field_validator("weights")

@@ -1,5 +1,8 @@
 """Classifier training: masked multi-label BCE, AdamW + cosine schedule, best-on-val, resumable.
 
+Only parameters with `requires_grad` are optimised (partial fine-tuning, pipeline/models/freeze.py);
+BatchNorm layers that are wholly frozen stay in eval mode while the rest trains.
+
 Unknown labels (NaN) contribute no loss. After every epoch the full training state (weights,
 optimiser, schedule, RNG, history, best weights) is written atomically to a resume file, so a
 killed run continues from its last finished epoch and ends with the same weights as an
@@ -24,6 +27,7 @@ from pipeline.data.transforms import augmentation
 from pipeline.metrics.classification import choose_thresholds, classification_metrics
 from pipeline.io import remove_stale_temps
 from pipeline.models.checkpoint import load_tensors, save_tensors
+from pipeline.models.freeze import freeze_norms
 
 log = logging.getLogger(__name__)
 
@@ -104,8 +108,15 @@ def _train(model: nn.Module, spec: TrainSpec, labels: list[str], train: Rows, se
            fingerprint_extra: dict | None, calibrate: Rows | None) -> dict:
     train_store, train_idx, train_targets = train.store, train.idx, train.targets
     calibrate = calibrate or select
-    fingerprint = spec.fingerprint(fingerprint_extra or {})
-    opt = torch.optim.AdamW(model.parameters(), lr=spec.lr, weight_decay=spec.weight_decay)
+    trainable = [name for name, p in model.named_parameters() if p.requires_grad]
+    if not trainable:
+        raise ValueError("no parameter is trainable")
+    # the optimiser's state is indexed by position among the trainable parameters: a resume file
+    # from another freeze setting must not be loaded
+    frozen_key = hashlib.sha256("\n".join(trainable).encode()).hexdigest()[:16]
+    fingerprint = spec.fingerprint({**(fingerprint_extra or {}), "trainable": frozen_key})
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=spec.lr,
+                            weight_decay=spec.weight_decay)
     steps_per_epoch = max(1, -(-len(train_idx) // spec.batch_size))
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=spec.epochs * steps_per_epoch)
     gen = torch.Generator().manual_seed(spec.seed)
@@ -135,6 +146,7 @@ def _train(model: nn.Module, spec: TrainSpec, labels: list[str], train: Rows, se
     for epoch in range(start_epoch, spec.epochs):
         transform.set_random_seed(spec.seed * 1000 + epoch)
         model.train()
+        freeze_norms(model)
         total, n = 0.0, 0
         batches = iterate_batches(train_store, train_idx, train_targets, spec.batch_size, gen, transform)
         for x, y, _ in tqdm(batches, total=steps_per_epoch, desc=f"epoch {epoch + 1}/{spec.epochs}",

@@ -14,12 +14,40 @@ LABELS = 3
 SIZE = 64
 
 
-def _model(arch: str, seed: int = 0) -> torch.nn.Module:
+SLOW_ARCHS = {"efficientnet_b7", "resnet152", "vgg19"}  # same code paths as b3/b4, resnet101, vgg16
+# the formulas do not depend on the architecture: the quick run checks every method on these, and
+# on the others the architecture-specific part (target layer, tail) with Grad-CAM
+ALL_METHODS_ARCHS = {"tinyvgg", "resnet18", "resnet50", "densenet121", "vit_b_16", "mixer_b16"}
+
+
+def _model(arch: str, seed: int = 0, **model_kwargs) -> torch.nn.Module:
     torch.manual_seed(seed)
-    model = create_model(arch, LABELS, image_size=SIZE).eval()
+    model = create_model(arch, LABELS, image_size=SIZE, **model_kwargs)
+    if arch.startswith("efficientnet"):
+        # BatchNorm statistics of one batch, as after training: with the init's (mean 0, var 1) a
+        # deep random EfficientNet's activations vanish to ~1e-8 and every map is flat
+        norms = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+        for m in norms:
+            m.momentum = 1.0
+        with torch.no_grad():
+            model.train()(torch.randn(8, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(seed)))
+        for m in norms:
+            m.momentum = 0.1
+    model.eval()
     # torchvision's ViT and timm's Mixer zero their heads at init: every gradient would be zero
-    torch.nn.init.normal_(model.get_submodule(model_spec(arch).classifier).weight, std=0.05)
+    head = model.get_submodule(model_spec(arch).classifier)
+    last = [m for m in head.modules() if isinstance(m, torch.nn.Linear)][-1]
+    torch.nn.init.normal_(last.weight, std=0.05)
     return model
+
+
+def _arch_methods() -> list:
+    out = []
+    for arch in list_models():
+        for method in ["gradcam", "gradcam++", "hirescam", "layercam", "eigencam"]:
+            slow = arch in SLOW_ARCHS or (method != "gradcam" and arch not in ALL_METHODS_ARCHS)
+            out.append(pytest.param(arch, method, marks=pytest.mark.slow) if slow else (arch, method))
+    return out
 
 
 def _ours(model, arch, x, method="gradcam") -> np.ndarray:
@@ -31,10 +59,7 @@ def _library(model, arch, x, method="gradcam") -> np.ndarray:
         return lib(x, list(range(LABELS)))
 
 
-@pytest.mark.parametrize("arch", list_models())
-@pytest.mark.parametrize("method", ["gradcam", "gradcam++", "hirescam", "layercam", "eigencam"])
-def test_equals_grad_cam_per_label(arch, method):
-    model = _model(arch)
+def _assert_equals_library(model, arch, method="gradcam"):
     x = torch.randn(2, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(1))
     ours = _ours(model, arch, x, method)
     with library_sees_layer_output():  # DenseNet: see test_densenet_inplace_relu_is_why_the_library_differs
@@ -42,6 +67,30 @@ def test_equals_grad_cam_per_label(arch, method):
     assert ours.shape == ref.shape == (2, LABELS, SIZE, SIZE)
     assert ref.max() > 0.99  # non-trivial maps
     np.testing.assert_allclose(ours, ref, atol=1e-4)
+
+
+@pytest.mark.parametrize("arch, method", _arch_methods())
+def test_equals_grad_cam_per_label(arch, method):
+    _assert_equals_library(_model(arch), arch, method)
+
+
+@pytest.mark.parametrize("arch, model_kwargs", [
+    ("efficientnet_b3", {"head": "bn_mlp", "pool": "max"}),   # the cardiomegaly head
+    ("resnet18", {"head": "bn_mlp"}),
+    ("densenet121", {"pool": "max", "dropout": 0.2}),
+    ("vgg16", {"head": "linear", "pool": "max"}),
+    ("tinyvgg", {"head": "bn_mlp", "pool": "max"}),
+])
+@pytest.mark.parametrize("method", ["gradcam", "hirescam"])
+def test_heads_and_max_pooling_equal_grad_cam(arch, model_kwargs, method):
+    """BatchNorm1d (eval: running statistics) and max pooling (a sparse gradient) in the tail."""
+    model = _model(arch, **model_kwargs)
+    bn = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm1d)]
+    for m in bn:  # non-trivial running statistics, so eval mode matters
+        m.running_mean.uniform_(-0.5, 0.5)
+        m.running_var.uniform_(0.5, 2.0)
+    assert bool(bn) == (model_kwargs.get("head") == "bn_mlp")
+    _assert_equals_library(model, arch, method)
 
 
 def test_densenet_inplace_relu_is_why_the_library_differs():

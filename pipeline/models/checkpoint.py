@@ -1,7 +1,8 @@
 """Checkpoints: safetensors weights with their metadata in the same file; loading never unpickles.
 
-Metadata (arch, labels, image size, normalisation, cycle, parent, data hash, thresholds...) travels
-inside the safetensors header, so a checkpoint is self-describing; `<name>.json` beside it is a
+Metadata (arch, its builder options `model_kwargs`, labels, image size, normalisation, cycle, parent,
+data hash, thresholds, trainable share...) travels inside the safetensors header, so a checkpoint is
+self-describing and `load_model` rebuilds the same head; `<name>.json` beside it is a
 human-readable copy. Both are written atomically.
 """
 from __future__ import annotations

@@ -4,6 +4,9 @@ Cycle K picks its checkpoint on the val images under the same enhancement when t
 label-blind: raw val images carry the shortcut (markers agree with labels 95 % of the time), so
 selecting on them rewards the epochs that still read it. Operating thresholds are always chosen on
 the unmodified val images, the kind the model will meet.
+
+`train.trainable_last_n` / `train.trainable_blocks` freeze the rest of the network in every cycle;
+the checkpoint records its builder options (`model_kwargs`) and the trainable share.
 """
 import hashlib
 import logging
@@ -17,6 +20,7 @@ from pipeline.data.store import ArrayStore
 from pipeline.data.transforms import NORMALISATION
 from pipeline.io import write_text
 from pipeline.models.checkpoint import file_sha256, load_model, save_model
+from pipeline.models.freeze import apply_trainable
 from pipeline.models.registry import create_model
 from pipeline.stages.common import cycle_arg, stage_main
 from pipeline.training import RESUME_FILE, Rows, TrainSpec, train_classifier
@@ -35,7 +39,9 @@ def run(params, paths, args) -> None:
     select = raw_val
     if k == 0:
         torch.manual_seed(tp.seed)
-        model = create_model(tp.arch, len(labels), weights=tp.weights, image_size=params.data.image_size)
+        model = create_model(tp.arch, len(labels), weights=tp.weights, image_size=params.data.image_size,
+                             **tp.model_kwargs)
+        arch, model_kwargs = tp.arch, dict(tp.model_kwargs)
         train_store, train_idx, parent = images, train_rows, None
         spec = TrainSpec(tp.epochs, tp.lr, tp.weight_decay, tp.batch_size, tp.seed, tp.augment)
     else:
@@ -43,6 +49,11 @@ def run(params, paths, args) -> None:
         model, prev_meta = load_model(paths.model(prev))
         if prev_meta["labels"] != labels:
             raise ValueError(f"cycle {k}: labels {labels} differ from cycle {prev}'s {prev_meta['labels']}")
+        # the parent's architecture and head, whatever params say now
+        arch, model_kwargs = prev_meta["arch"], prev_meta.get("model_kwargs", {})
+        if model_kwargs != tp.model_kwargs:
+            log.warning("cycle %d keeps cycle %d's model_kwargs %s (params say %s)", k, prev, model_kwargs,
+                        tp.model_kwargs)
         train_store = ArrayStore(paths.enhanced_train(k))
         if len(train_store) != len(train_rows):
             raise ValueError(f"enhanced set c{k} has {len(train_store)} images for {len(train_rows)} train rows")
@@ -51,16 +62,22 @@ def run(params, paths, args) -> None:
             select = Rows(ArrayStore(paths.enhanced_val(k)), np.arange(len(val_rows)), y_val)
         parent = {"cycle": prev, "sha256": file_sha256(paths.model(prev) / "model.safetensors")}
         spec = TrainSpec(tp.finetune_epochs, tp.finetune_lr, tp.weight_decay, tp.batch_size, tp.seed + k, tp.augment)
+    n_train, n_total = apply_trainable(model, tp.trainable_last_n, tp.trainable_blocks)
+    trainable = {"last_n": tp.trainable_last_n, "blocks": tp.trainable_blocks, "params": n_train,
+                 "total": n_total, "fraction": round(n_train / n_total, 6)}
+    log.info("cycle %d: %d of %d parameters train (%.1f %%)", k, n_train, n_total, 100 * n_train / n_total)
     data_hash = hashlib.sha256((paths.images / "index.json").read_bytes()
                                + (train_store.root / "index.json").read_bytes()
                                + (select.store.root / "index.json").read_bytes()
                                + paths.manifest.read_bytes()).hexdigest()[:16]
     resume_dir = paths.resume_dir(k)
     result = train_classifier(model, spec, labels, Rows(train_store, train_idx, y_train), select, resume_dir,
-                              fingerprint_extra={"data": data_hash, "parent": parent, "arch": tp.arch},
+                              fingerprint_extra={"data": data_hash, "parent": parent, "arch": arch,
+                                                 "model_kwargs": model_kwargs},
                               calibrate=raw_val)
     meta = {
-        "arch": tp.arch, "labels": labels, "image_size": params.data.image_size,
+        "arch": arch, "model_kwargs": model_kwargs, "trainable": trainable,
+        "labels": labels, "image_size": params.data.image_size,
         "normalisation": NORMALISATION, "preprocessing": "grayscale uint8, resized to image_size, repeated to 3 channels",
         "cycle": k, "parent": parent, "data_hash": data_hash, "source": params.data.source,
         "enhance_policy": params.enhance.policy if k else None,
