@@ -40,8 +40,8 @@ test: $(STAMP)
 test-all: $(STAMP)
 	$(BIN)/python -m pytest -q
 
-viewer: $(STAMP)
-	@echo "The viewer is not built yet (see the viewer issue); 'make run' first to train a model."
+viewer: $(STAMP)  ## the clinician's viewer on http://$${CXR_HOST:-127.0.0.1}:$${CXR_PORT:-7860}/ (users: CXR_USERS=name:pw or .cxr/users.json)
+	$(BIN)/python -m pipeline.viewer
 
 bench: $(STAMP)
 	$(BIN)/python -m benchmarks.run

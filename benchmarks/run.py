@@ -23,6 +23,7 @@ from pipeline.data.dataset import iterate_batches, predict
 from pipeline.data.store import ArrayStoreWriter
 from pipeline.io import read_json, write_json
 from pipeline.models.registry import create_model
+from benchmarks.viewer import bench_viewer
 
 log = logging.getLogger("benchmarks")
 OUT = "reports/benchmarks.json"
@@ -116,7 +117,7 @@ def bench_train(arch: str = "tinyvgg", size: int = 128, batch: int = 64) -> dict
     return {arch: {"train_images_per_s": round(batch / ms * 1000, 1), "image_size": size}}
 
 
-BENCHES = {"cam": bench_cam, "cam_dataset": bench_cam_dataset, "train": bench_train}
+BENCHES = {"cam": bench_cam, "cam_dataset": bench_cam_dataset, "train": bench_train, "viewer": bench_viewer}
 
 
 def main() -> None:

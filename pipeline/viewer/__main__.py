@@ -1,0 +1,3 @@
+from pipeline.viewer.app import main
+
+main()

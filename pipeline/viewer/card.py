@@ -1,0 +1,127 @@
+"""The model card: what is served, what it was trained on, how it scored, and what it is not for."""
+from __future__ import annotations
+
+import logging
+import subprocess
+from pathlib import Path
+
+import yaml
+
+from pipeline.io import read_json
+from pipeline.metrics.sanity import SANITY_MAX
+
+log = logging.getLogger(__name__)
+
+NOTICE = ("Research tool, not a medical device: not for diagnosis or treatment decisions. "
+          "A heatmap shows where the model's evidence lies; it is not a lesion outline.")
+INTENDED_USE = ("Exploring what a chest X-ray classifier trained by this pipeline predicts on frontal "
+                "radiographs, and where it looks, before and after shortcut-decorrelating refinement cycles.")
+LIMITATIONS = [
+    "Trained on the data named below only (the built-in phantom is synthetic): predictions on other "
+    "hospitals' films, lateral views or children are unvalidated.",
+    "Probabilities are uncalibrated model scores; the operating threshold per label was chosen on the "
+    "validation split to balance sensitivity and specificity.",
+    "Grad-CAM heatmaps are coarse (the target layer's grid, upsampled) and can look plausible for a wrong reason.",
+    "The anatomy masks come from a U-Net that can fail on unusual films; the in-anatomy share inherits its errors.",
+    "Labels a dataset does not provide are not predicted meaningfully, whatever the score.",
+]
+METRIC_KEYS = ("auroc_macro", "accuracy", "f1", "sensitivity", "specificity", "accuracy_shifted", "shortcut_gap",
+               "cam_in_anatomy", "pointing_game", "iou", "faithfulness", "sanity_rank_corr")
+
+
+def git_revision(root: Path) -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True,
+                             timeout=5)
+        return out.stdout.strip() or None if out.returncode == 0 else None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def dvc_output_md5(root: Path, out_path: str) -> str | None:
+    """The md5 dvc.lock records for an output (e.g. models/c2): the DVC revision of that artefact."""
+    lock = root / "dvc.lock"
+    if not lock.is_file():
+        return None
+    try:
+        stages = (yaml.safe_load(lock.read_text()) or {}).get("stages", {})
+    except yaml.YAMLError:
+        return None
+    for stage in stages.values():
+        for out in stage.get("outs", []) or []:
+            if out.get("path") == out_path:
+                return out.get("md5")
+    return None
+
+
+def model_card(root: Path, info: dict, meta: dict, sha256: str, baseline_meta: dict | None) -> dict:
+    """JSON-ready card for the served model (cycle metrics from reports/cycles/cK/metrics.json)."""
+    cycle = int(meta.get("cycle", 0))
+    metrics_path = root / "reports" / "cycles" / f"c{cycle}" / "metrics.json"
+    metrics = read_json(metrics_path) if metrics_path.is_file() else (info.get("metrics") or {})
+    base_path = root / "reports" / "cycles" / "c0" / "metrics.json"
+    base_metrics = read_json(base_path) if base_path.is_file() else None
+    sanity = metrics.get("sanity_rank_corr")
+    summary_path = root / "reports" / "summary.json"
+    dataset = read_json(summary_path).get("dataset") if summary_path.is_file() else meta.get("source")
+    return {
+        "cycle": cycle,
+        "arch": meta.get("arch"),
+        "labels": meta.get("labels"),
+        "image_size": meta.get("image_size"),
+        "checkpoint_sha256": sha256,
+        "data_source": meta.get("source") or dataset,
+        "data_hash": meta.get("data_hash"),
+        "enhance_policy": meta.get("enhance_policy"),
+        "selected_on": meta.get("selected_on"),
+        "git_revision": git_revision(root),
+        "dvc_md5": dvc_output_md5(root, f"models/c{cycle}"),
+        "stop_reason": info.get("stop_reason"),
+        "baseline_cycle": baseline_meta.get("cycle") if baseline_meta else None,
+        "test_metrics": {k: metrics.get(k) for k in METRIC_KEYS},
+        "baseline_test_metrics": {k: base_metrics.get(k) for k in METRIC_KEYS} if base_metrics else None,
+        "sanity_flag": None if sanity is None else bool(sanity >= SANITY_MAX),
+        "sanity_max": SANITY_MAX,
+        "intended_use": INTENDED_USE,
+        "limitations": LIMITATIONS,
+        "notice": NOTICE,
+    }
+
+
+def _fmt(v) -> str:
+    return "—" if v is None else (f"{v:.3f}" if isinstance(v, float) else str(v))
+
+
+def card_markdown(card: dict) -> str:
+    rows = "\n".join(f"| {k} | {_fmt(card['test_metrics'].get(k))} | "
+                     f"{_fmt((card['baseline_test_metrics'] or {}).get(k))} |" for k in METRIC_KEYS)
+    sanity = ""
+    if card["sanity_flag"]:
+        sanity = (f"\n\n**⚠ Saliency sanity check failed**: heatmaps of a randomised model still correlate "
+                  f"ρ = {card['test_metrics']['sanity_rank_corr']:.2f} (≥ {card['sanity_max']}) with this model's; "
+                  "treat the heatmaps with extra caution.")
+    lims = "\n".join(f"- {x}" for x in card["limitations"])
+    return f"""### Model card
+
+**{card['notice']}**
+
+| field | value |
+|---|---|
+| served model | cycle {card['cycle']} ({_fmt(card['arch'])}, {_fmt(card['image_size'])} px), beside cycle {_fmt(card['baseline_cycle'])} |
+| training data | {_fmt(card['data_source'])} (data hash `{_fmt(card['data_hash'])}`), enhancement policy {_fmt(card['enhance_policy'])} |
+| revision | git `{_fmt(card['git_revision'])}`, DVC md5 of models/c{card['cycle']} `{_fmt(card['dvc_md5'])}` |
+| checkpoint sha256 | `{(card['checkpoint_sha256'] or '')[:16]}…` |
+| why this cycle | {_fmt(card['stop_reason'])} |
+
+Test metrics (unmodified test images):
+
+| metric | served (cycle {card['cycle']}) | cycle 0 |
+|---|---|---|
+{rows}
+{sanity}
+
+**Intended use.** {card['intended_use']}
+
+**Limitations.**
+{lims}
+"""

@@ -1,0 +1,258 @@
+"""The viewer's inference: the served model, cycle 0 and the anatomy U-Net, loaded once per process.
+
+`Engine.analyse(file bytes)` decodes with the project's safe decoder, prepares the image exactly as
+training saw it (`fit_square` at the checkpoint's image size, the checkpoint's normalisation), and
+returns every label's probability and heatmap from one pass per model (`AllLabelCAM`), the
+predicted anatomy, and the share of each heatmap's energy inside its label's anatomy (the same
+`energy_share` the evaluation reports). Nothing is written to disk. Models are shared by all
+requests; a lock runs one analysis at a time (the CAM hooks belong to the shared modules, and two
+concurrent passes on a 2-core CPU are not faster than one after the other).
+"""
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from pipeline.cam.all_labels import AllLabelCAM
+from pipeline.cam.maps import resize
+from pipeline.config import ConfigError, DataParams, Params, Paths, load_params
+from pipeline.data.decode import DecodeError, decode
+from pipeline.data.labels import LABEL_ANATOMY
+from pipeline.data.record import decode_anatomy
+from pipeline.data.sources.common import fit_square
+from pipeline.data.transforms import NORMALISATION, to_model_input
+from pipeline.io import read_json
+from pipeline.metrics.localization import energy_share
+from pipeline.models.checkpoint import CheckpointError, file_sha256, load_model
+
+log = logging.getLogger(__name__)
+
+HOW_TO_TRAIN = ("No model trained yet: run `make run` (the whole cycle on the built-in phantom, about "
+                "15 minutes on 2 cores) or `dvc repro`, then reload this page.")
+SHORTCUT_SHARE = 0.5   # below this share of heatmap energy inside the label's anatomy, warn
+MIN_SIDE = 8
+
+
+class NoModel(RuntimeError):
+    """No checkpoint to serve yet; the message says how to train one."""
+
+
+class ImageError(ValueError):
+    """The upload cannot be analysed; the message is one line, safe to show (no identifiers)."""
+
+
+@dataclass
+class Served:
+    model: torch.nn.Module
+    meta: dict
+    cam: AllLabelCAM
+    path: Path
+    sha256: str
+    logits: list = field(default_factory=list)  # filled by a forward hook during a pass
+
+    @property
+    def cycle(self) -> int:
+        return int(self.meta.get("cycle", 0))
+
+
+@dataclass
+class ModelResult:
+    cycle: int
+    probabilities: np.ndarray        # (L,)
+    cams: np.ndarray                 # (L, S, S) float32 in [0, 1]
+    shares: list[float | None]       # energy inside each label's anatomy (None without a U-Net)
+
+
+@dataclass
+class Analysis:
+    image: np.ndarray                # uint8 (S, S): what the model saw
+    labels: list[str]
+    thresholds: list[float]
+    latest: ModelResult
+    baseline: ModelResult | None
+    mask: np.ndarray | None          # uint8 bit mask (S, S): 1 lungs, 2 heart
+    source: dict                     # format, view, original width/height (no identifiers)
+    timings_ms: dict
+
+    def order(self) -> list[int]:
+        """Label indices by the served model's probability, highest first."""
+        return [int(i) for i in np.argsort(-self.latest.probabilities, kind="stable")]
+
+
+def anatomy_of_label(label: str) -> str:
+    return LABEL_ANATOMY.get(label, "both")
+
+
+class Engine:
+    """Loads lazily (so the viewer starts, and says how to train, before any model exists)."""
+
+    def __init__(self, root: str | os.PathLike = ".", *, max_pixels: int | None = None,
+                 cam_method: str | None = None, baseline: bool = True):
+        self.root = Path(root).resolve()
+        self.paths = Paths(self.root)
+        self.params = self._params()
+        self.max_pixels = int(max_pixels or os.environ.get("CXR_MAX_PIXELS") or self.params.data.max_pixels)
+        self.cam_method = cam_method or self.params.cam.method
+        self.want_baseline = baseline
+        self._lock = threading.Lock()
+        self._load_lock = threading.Lock()
+        self.latest: Served | None = None
+        self.baseline: Served | None = None
+        self.unet: torch.nn.Module | None = None
+        self.unet_meta: dict = {}
+        self.latest_info: dict = {}
+        self.error: str | None = None
+
+    def _params(self) -> Params:
+        path = self.root / "params.yaml"
+        try:
+            return load_params(path) if path.is_file() else Params()
+        except ConfigError as err:
+            # e.g. a real dataset's root that is not on this machine: the viewer needs only how images
+            # were fitted to a square, which it takes from the raw file
+            import yaml
+
+            log.warning("params.yaml does not validate here (%s); reading data.fit/center_crop from it as is", err)
+            raw = (yaml.safe_load(path.read_text()) or {}).get("data", {}) or {}
+            keep = {k: raw[k] for k in ("fit", "center_crop", "max_pixels") if k in raw}
+            return Params.model_construct(data=DataParams.model_construct(**{**DataParams().model_dump(), **keep}),
+                                          cam=Params().cam)
+
+    # -- loading ---------------------------------------------------------------------------------
+    @property
+    def ready(self) -> bool:
+        return self.latest is not None
+
+    def load(self) -> None:
+        """Load the served checkpoint, cycle 0 and the U-Net once; raise NoModel when there is none."""
+        if self.latest is not None:
+            return
+        with self._load_lock:
+            if self.latest is not None:
+                return
+            if not self.paths.latest.is_file():
+                raise NoModel(HOW_TO_TRAIN)
+            try:
+                info = read_json(self.paths.latest)
+                latest = self._serve(self.root / info["checkpoint"])
+                baseline = None
+                if self.want_baseline and info.get("baseline"):
+                    base_path = self.root / info["baseline"]
+                    baseline = latest if base_path.resolve() == latest.path.resolve() else self._serve(base_path)
+                unet_path = self.paths.unet / "unet.safetensors"
+                if unet_path.is_file():
+                    from pipeline.segmentation import load_unet
+
+                    self.unet, self.unet_meta = load_unet(unet_path)
+                    for p in self.unet.parameters():
+                        p.requires_grad_(False)
+            except (CheckpointError, KeyError, OSError, ValueError) as err:
+                self.error = f"the served model could not be loaded ({err})"
+                raise NoModel(f"{self.error}. {HOW_TO_TRAIN}") from None
+            self.latest_info, self.baseline, self.latest = info, baseline, latest
+            log.info("serving cycle %d (%s) with cycle %s beside it", latest.cycle, latest.meta["arch"],
+                     baseline.cycle if baseline else "-")
+
+    def _serve(self, path: Path) -> Served:
+        model, meta = load_model(path)
+        for p in model.parameters():   # inference only: the CAM needs gradients of activations, not weights
+            p.requires_grad_(False)
+        served = Served(model, meta, AllLabelCAM(model, meta["arch"], self.cam_method),
+                        path if path.is_file() else path / "model.safetensors", file_sha256(path if path.is_file() else path / "model.safetensors"))
+        model.register_forward_hook(lambda m, i, out: served.logits.append(out.detach()))
+        return served
+
+    # -- analysis --------------------------------------------------------------------------------
+    def prepare(self, data: bytes) -> tuple[np.ndarray, dict]:
+        """File bytes -> (uint8 S x S as training saw it, non-identifying facts about the file)."""
+        self.load()
+        try:
+            decoded = decode(data, max_pixels=self.max_pixels, id_salt="")
+        except DecodeError as err:
+            raise ImageError(str(err)) from None
+        except Exception as err:  # a decoder bug must not become a traceback for the user
+            log.warning("decoder failed unexpectedly: %s", type(err).__name__)
+            raise ImageError(f"not a readable PNG/JPEG/DICOM image ({type(err).__name__})") from None
+        px = decoded.pixels
+        if px.ndim != 2:
+            raise ImageError(f"expected one 2-D grayscale image, got an array of shape {tuple(px.shape)} "
+                             "(multi-frame or colour data)")
+        if min(px.shape) < MIN_SIDE:
+            raise ImageError(f"image of {px.shape[1]}x{px.shape[0]} pixels is too small")
+        if not np.isfinite(px).all():
+            raise ImageError("the image holds non-finite pixel values")
+        data_p = self._data_params()
+        image, _ = fit_square(px, data_p)
+        return image, {"format": decoded.format, "view": decoded.view,
+                       "width": int(px.shape[1]), "height": int(px.shape[0])}
+
+    def _data_params(self) -> DataParams:
+        size = int(self.latest.meta["image_size"])
+        return self.params.data.model_copy(update={"image_size": size})
+
+    def analyse(self, data: bytes, baseline: bool = True) -> Analysis:
+        t0 = time.perf_counter()
+        image, source = self.prepare(data)
+        t1 = time.perf_counter()
+        with self._lock:
+            t2 = time.perf_counter()
+            latest = self._run(self.latest, image)
+            t3 = time.perf_counter()
+            base = None
+            if baseline and self.baseline is not None:
+                base = latest if self.baseline is self.latest else self._run(self.baseline, image)
+            t4 = time.perf_counter()
+            mask = self._mask(image)
+            t5 = time.perf_counter()
+        for result in (latest, base):
+            if result is not None:
+                result.shares = self._shares(result.cams, mask)
+        t6 = time.perf_counter()
+        ms = lambda a, b: round((b - a) * 1000, 2)  # noqa: E731
+        timings = {"decode": ms(t0, t1), "wait": ms(t1, t2), "latest": ms(t2, t3), "baseline": ms(t3, t4),
+                   "unet": ms(t4, t5), "shares": ms(t5, t6), "total": ms(t0, t6)}
+        return Analysis(image, list(self.latest.meta["labels"]), [float(t) for t in self.latest.meta["thresholds"]],
+                        latest, base, mask, source, timings)
+
+    def _run(self, served: Served, image: np.ndarray) -> ModelResult:
+        x = to_model_input(image[None], served.meta.get("normalisation", NORMALISATION))
+        served.logits.clear()
+        low = served.cam(x)                                   # (1, L, h, w): every label, one pass
+        logits = served.logits[0]
+        served.logits.clear()
+        cams = resize(low, image.shape[-1])[0].numpy().astype(np.float32)
+        probs = torch.sigmoid(logits.float())[0].numpy()
+        return ModelResult(served.cycle, probs, cams, [None] * len(probs))
+
+    @torch.no_grad()
+    def _mask(self, image: np.ndarray) -> np.ndarray | None:
+        if self.unet is None:
+            return None
+        from pipeline.segmentation import predict_masks
+
+        return predict_masks(self.unet, image[None], int(self.unet_meta.get("size", 64)), image.shape[-1])[0]
+
+    def _shares(self, cams: np.ndarray, mask: np.ndarray | None) -> list[float | None]:
+        if mask is None:
+            return [None] * len(cams)
+        out = []
+        for k, label in enumerate(self.latest.meta["labels"]):
+            share = energy_share(cams[k], decode_anatomy(mask, anatomy_of_label(label)))
+            out.append(None if share is None else round(float(share), 4))
+        return out
+
+    def forward_only(self, image: np.ndarray, baseline: bool = True) -> None:
+        """The plain forward passes an analysis needs (classifiers + U-Net, no CAM): the benchmark's yardstick."""
+        with self._lock, torch.no_grad():
+            for served in ([self.latest, self.baseline] if baseline and self.baseline is not None
+                           and self.baseline is not self.latest else [self.latest]):
+                served.model(to_model_input(image[None], served.meta.get("normalisation", NORMALISATION)))
+                served.logits.clear()
+            self._mask(image)
