@@ -22,6 +22,7 @@ import torch
 
 from pipeline.config import Params, Paths, load_params
 from pipeline.data import phantom
+from pipeline.data.labels import CANONICAL_LABELS
 from pipeline.data.transforms import NORMALISATION
 from pipeline.io import write_json
 from pipeline.models.checkpoint import save_model
@@ -95,8 +96,11 @@ def _in_process(root: Path, data: bytes, repeats: int) -> dict:
                          "forward_latest": lambda: engine.forward_only(image, baseline=False),
                          "analyse_latest": lambda: engine.analyse(data, baseline=False)}, repeats)
     parts = engine.analyse(data).timings_ms
+    decode = _median_ms(lambda: engine.prepare(data), repeats)
     return {"forward_ms": round(t["forward"], 1), "analyse_ms": round(t["analyse"], 1),
             "analyse_over_forward": round(t["analyse"] / t["forward"], 3),
+            "decode_ms": round(decode, 1),
+            "networks_over_forward": round((t["analyse"] - decode) / t["forward"], 3),
             "forward_latest_only_ms": round(t["forward_latest"], 1),
             "analyse_latest_only_ms": round(t["analyse_latest"], 1),
             "analyse_latest_only_over_forward": round(t["analyse_latest"] / t["forward_latest"], 3),
@@ -170,7 +174,9 @@ def bench_viewer(setups: tuple | None = None, repeats: int = 20, clients: int = 
     logging.getLogger("httpx").setLevel(logging.WARNING)
     params = load_params("params.yaml") if Path("params.yaml").is_file() else Params()
     labels = list(params.data.labels or phantom.PHANTOM_LABELS)
-    setups = setups or ((params.train.arch, params.data.image_size, labels),)
+    # the default run's model, and a clinical-size one (CheXNet: DenseNet121, 14 labels, 224 px)
+    setups = setups or ((params.train.arch, params.data.image_size, labels),
+                        ("densenet121", 224, list(CANONICAL_LABELS)))
     data = _film()
     out = {}
     for arch, size, labs in setups:
@@ -180,12 +186,13 @@ def bench_viewer(setups: tuple | None = None, repeats: int = 20, clients: int = 
             res = {"image_size": size, "labels": len(labs), "upload": "1024x1024 PNG",
                    "cam_method": params.cam.method, **_in_process(root, data, repeats)}
             res.update(_http(root, data, repeats, clients, per_client))
-        out[arch] = res
+        out[f"{arch}@{size}"] = res
         log.info("viewer %s: %s", arch, res)
     out["targets"] = {"analyse_over_forward": "<= 1.5"}
-    out["meets_targets"] = all(v["analyse_over_forward"] <= 1.5 for k, v in out.items() if k != "targets")
+    out["meets_targets"] = {k: v["analyse_over_forward"] <= 1.5 for k, v in out.items() if k != "targets"}
     out["note"] = ("analyse = decode + fit + both classifiers' all-label CAM pass + U-Net + in-anatomy shares "
-                   "(in process); forward = the same networks' plain forward passes. HTTP figures add "
+                   "(in process); forward = the same networks' plain forward passes; networks_over_forward leaves out "
+                   "decoding the 1024x1024 upload (decode_ms), a fixed cost that dominates for a tiny model. HTTP figures add "
                    "multipart upload, PNG-encoding every heatmap and JSON; requests are served one at a time "
                    "(a lock: the models are shared), so p95 under 8 clients is mostly queueing.")
     return out
