@@ -1,6 +1,7 @@
 import pytest
 import torch
 
+from pipeline.cam.all_labels import AllLabelCAM
 from pipeline.models.checkpoint import CheckpointError, load_model, read_meta, save_model
 from pipeline.models.registry import create_model, list_models, model_spec, target_layer
 
@@ -21,6 +22,19 @@ def test_every_registered_model_builds_runs_and_has_a_cam_layer(name):
     reshape = model_spec(name).reshape
     grid = reshape(seen["o"]) if reshape else seen["o"]
     assert grid.ndim == 4 and grid.shape[0] == 2 and grid.shape[-1] == grid.shape[-2] >= 4
+
+    # one training step moves the weights; then every label's CAM comes out on the layer's grid
+    model.train()
+    before = [p.detach().clone() for p in model.parameters()]
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    loss = torch.nn.functional.binary_cross_entropy_with_logits(model(torch.randn(2, 3, 128, 128)),
+                                                                torch.tensor([[1.0, 0.0, 1.0], [0.0, 1.0, 0.0]]))
+    loss.backward()
+    opt.step()
+    assert torch.isfinite(loss) and any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    cams = AllLabelCAM(model, name)(torch.randn(2, 3, 128, 128))
+    assert cams.shape == (2, 3, *grid.shape[-2:]) and torch.isfinite(cams).all()
+    assert float(cams.min()) >= 0 and float(cams.max()) <= 1
 
 
 def test_default_model_gives_at_least_8x8_heatmaps_at_128px():
