@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 
 from tests.viewer_support import (PASSWORD, USER, bad_files, dicom, film, jpeg, png, running_viewer,
-                                  start_viewer, untrained_project)
+                                  start_viewer, trained_project, untrained_project)
 
 pytestmark = pytest.mark.filterwarnings("ignore::ResourceWarning")
 
@@ -191,3 +191,24 @@ def test_the_users_file_holds_salted_hashes_only(tmp_path):
     assert hash_password("same") != hash_password("same")  # a fresh salt each time
     with pytest.raises(ValueError):
         add_user(path, "short", "abc")
+
+
+def test_a_newly_trained_model_is_served_without_a_restart(tmp_path):
+    """models/latest.json changing (a new cycle, a `dvc checkout`) swaps the served model in place."""
+    import shutil
+
+    from pipeline.viewer.engine import Engine
+
+    src, project = trained_project(), tmp_path / "p"
+    shutil.copytree(src / "models", project / "models")
+    shutil.copy(src / "params.yaml", project / "params.yaml")
+    engine = Engine(project)
+    first = engine.analyse(png(film()))
+    assert first.latest.cycle == 1
+    info = json.loads((project / "models" / "latest.json").read_text())
+    (project / "models" / "latest.json").write_text(json.dumps({**info, "cycle": 0, "checkpoint": info["baseline"]}))
+    second = engine.analyse(png(film()))
+    assert second.latest.cycle == 0 and engine.latest.cycle == 0
+    (project / "models" / "latest.json").write_text(json.dumps({**info, "checkpoint": "models/c9/missing"}))
+    third = engine.analyse(png(film()))   # a broken update keeps the loaded model serving
+    assert third.latest.cycle == 0

@@ -101,7 +101,7 @@ class Engine:
         self.max_pixels = int(max_pixels or os.environ.get("CXR_MAX_PIXELS") or self.params.data.max_pixels)
         self.cam_method = cam_method or self.params.cam.method
         self.want_baseline = baseline
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()   # analyses one at a time; a model swap waits for them
         self._load_lock = threading.Lock()
         self.latest: Served | None = None
         self.baseline: Served | None = None
@@ -109,6 +109,7 @@ class Engine:
         self.unet_meta: dict = {}
         self.latest_info: dict = {}
         self.error: str | None = None
+        self._loaded_stamp: tuple[int, int] | None = None
 
     def _params(self) -> Params:
         path = self.root / "params.yaml"
@@ -130,14 +131,24 @@ class Engine:
     def ready(self) -> bool:
         return self.latest is not None
 
+    def _stamp(self) -> tuple[int, int] | None:
+        """models/latest.json's (mtime, size): a new cycle or a `dvc checkout` changes it."""
+        try:
+            st = self.paths.latest.stat()
+        except OSError:
+            return None
+        return st.st_mtime_ns, st.st_size
+
     def load(self) -> None:
-        """Load the served checkpoint, cycle 0 and the U-Net once; raise NoModel when there is none."""
-        if self.latest is not None:
-            return
+        """Load the served checkpoint, cycle 0 and the U-Net; again when models/latest.json changes
+        (a newly trained cycle is served without a restart). Raise NoModel when there is none."""
+        stamp = self._stamp()
+        if self.latest is not None and (stamp is None or stamp == self._loaded_stamp):
+            return  # latest.json gone (e.g. mid-checkout): keep serving what is loaded
         with self._load_lock:
-            if self.latest is not None:
+            if self.latest is not None and (stamp is None or stamp == self._loaded_stamp):
                 return
-            if not self.paths.latest.is_file():
+            if stamp is None:
                 raise NoModel(HOW_TO_TRAIN)
             try:
                 info = read_json(self.paths.latest)
@@ -146,17 +157,25 @@ class Engine:
                 if self.want_baseline and info.get("baseline"):
                     base_path = self.root / info["baseline"]
                     baseline = latest if base_path.resolve() == latest.path.resolve() else self._serve(base_path)
+                unet, unet_meta = self.unet, self.unet_meta
                 unet_path = self.paths.unet / "unet.safetensors"
                 if unet_path.is_file():
                     from pipeline.segmentation import load_unet
 
-                    self.unet, self.unet_meta = load_unet(unet_path)
-                    for p in self.unet.parameters():
+                    unet, unet_meta = load_unet(unet_path)
+                    for p in unet.parameters():
                         p.requires_grad_(False)
             except (CheckpointError, KeyError, OSError, ValueError) as err:
+                if self.latest is not None:  # keep serving the loaded model; say why in the log
+                    log.warning("models/latest.json changed but the new model could not be loaded (%s); "
+                                "still serving cycle %d", err, self.latest.cycle)
+                    self._loaded_stamp = stamp
+                    return
                 self.error = f"the served model could not be loaded ({err})"
                 raise NoModel(f"{self.error}. {HOW_TO_TRAIN}") from None
-            self.latest_info, self.baseline, self.latest = info, baseline, latest
+            with self._lock:  # never swap models under a running analysis
+                self.latest_info, self.baseline, self.unet, self.unet_meta = info, baseline, unet, unet_meta
+                self.latest, self._loaded_stamp = latest, stamp
             log.info("serving cycle %d (%s) with cycle %s beside it", latest.cycle, latest.meta["arch"],
                      baseline.cycle if baseline else "-")
 
@@ -199,9 +218,10 @@ class Engine:
 
     def analyse(self, data: bytes, baseline: bool = True) -> Analysis:
         t0 = time.perf_counter()
-        image, source = self.prepare(data)
-        t1 = time.perf_counter()
+        self.load()   # a newly trained model is picked up here, before the analysis starts
         with self._lock:
+            t1 = time.perf_counter()
+            image, source = self.prepare(data)   # at the image size of the model that runs
             t2 = time.perf_counter()
             latest = self._run(self.latest, image)
             t3 = time.perf_counter()
@@ -216,7 +236,7 @@ class Engine:
                 result.shares = self._shares(result.cams, mask)
         t6 = time.perf_counter()
         ms = lambda a, b: round((b - a) * 1000, 2)  # noqa: E731
-        timings = {"decode": ms(t0, t1), "wait": ms(t1, t2), "latest": ms(t2, t3), "baseline": ms(t3, t4),
+        timings = {"wait": ms(t0, t1), "decode": ms(t1, t2), "latest": ms(t2, t3), "baseline": ms(t3, t4),
                    "unet": ms(t4, t5), "shares": ms(t5, t6), "total": ms(t0, t6)}
         return Analysis(image, list(self.latest.meta["labels"]), [float(t) for t in self.latest.meta["thresholds"]],
                         latest, base, mask, source, timings)
