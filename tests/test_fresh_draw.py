@@ -31,6 +31,4 @@ def test_a_fresh_draw_shares_no_patient_or_image_with_the_run():
     b = {r.image.tobytes() for s in fresh.values() for r in s}
     assert a and b and not (a & b)
     with pytest.raises(ValueError, match="own data.seed"):
-        fresh_draw_seed = Params().data.seed
-        from pipeline.fresh_draw import fresh_draw as fd
-        fd(trained_project(), patients=10, seed=fresh_draw_seed)
+        fresh_draw(trained_project(), patients=10, seed=Params().data.seed)
