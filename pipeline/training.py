@@ -7,6 +7,11 @@ Unknown labels (NaN) contribute no loss. After every epoch the full training sta
 optimiser, schedule, RNG, history, best weights) is written atomically to a resume file, so a
 killed run continues from its last finished epoch and ends with the same weights as an
 uninterrupted one.
+
+Under `torchrun` (pipeline/distributed.py) the model is wrapped in DistributedDataParallel: every
+rank draws the same shuffled order and trains on its share of each global batch (so the effective
+batch, the step count and the schedule stay those of one process), validation and selection agree
+on every rank, and only rank 0 writes the resume file; every rank resumes from it.
 """
 from __future__ import annotations
 
@@ -21,6 +26,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from pipeline import distributed
 from pipeline.data.dataset import iterate_batches, predict
 from pipeline.data.store import ArrayStore
 from pipeline.data.transforms import augmentation
@@ -100,8 +106,34 @@ def train_classifier(model: nn.Module, spec: TrainSpec, labels: list[str], train
     # dropout draws from torch's global generator: seed it from the spec inside a fork, so a run is
     # reproducible whatever ran before in the process, and the caller's RNG state is left as it was
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(spec.seed)
+        torch.manual_seed(spec.seed + distributed.rank())  # dropout differs between ranks, reproducibly
         return _train(model, spec, labels, train, select, resume_dir, fingerprint_extra, calibrate)
+
+
+class _OnDevice(nn.Module):
+    """Feeds CPU batches (pipeline.data.dataset.predict) to a model on a GPU and hands back CPU outputs."""
+
+    def __init__(self, model: nn.Module, device: torch.device):
+        super().__init__()
+        self.model, self.device = model, device
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x.to(self.device)).cpu()
+
+
+def _shard_batches(store: ArrayStore, indices: np.ndarray, targets: np.ndarray, batch_size: int,
+                   gen: torch.Generator, transform, rank: int, world: int):
+    """This rank's part of each global batch: every rank draws the same order (same seeded generator,
+    same draw as `iterate_batches`) and takes every `world`-th image of each batch of `batch_size`.
+
+    A last batch smaller than `world` lends some ranks a repeated image, so every rank steps as often
+    (a rank with no batch would leave the others waiting in the gradient all-reduce).
+    """
+    order = torch.randperm(len(indices), generator=gen).numpy()
+    for start in range(0, len(order), batch_size):
+        pos = order[start:start + batch_size]
+        mine = pos[rank::world] if len(pos) >= world else pos[[rank % len(pos)]]
+        yield from iterate_batches(store, indices[mine], targets[mine], len(mine), None, transform)
 
 
 def _train(model: nn.Module, spec: TrainSpec, labels: list[str], train: Rows, select: Rows, resume_dir: Path,
@@ -114,19 +146,27 @@ def _train(model: nn.Module, spec: TrainSpec, labels: list[str], train: Rows, se
     # the optimiser's state is indexed by position among the trainable parameters: a resume file
     # from another freeze setting must not be loaded
     frozen_key = hashlib.sha256("\n".join(trainable).encode()).hexdigest()[:16]
-    fingerprint = spec.fingerprint({**(fingerprint_extra or {}), "trainable": frozen_key})
+    rank, world, main = distributed.rank(), distributed.world_size(), distributed.is_main()
+    # another world size shards the data differently: its resume state does not continue this run
+    sharding = {"world_size": world} if world > 1 else {}
+    fingerprint = spec.fingerprint({**(fingerprint_extra or {}), "trainable": frozen_key, **sharding})
+    device = distributed.device()
+    if device.type != "cpu":
+        model.to(device)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=spec.lr,
                             weight_decay=spec.weight_decay)
     steps_per_epoch = max(1, -(-len(train_idx) // spec.batch_size))
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=spec.epochs * steps_per_epoch)
     gen = torch.Generator().manual_seed(spec.seed)
-    transform = augmentation(spec.augment, spec.seed)
+    transform = augmentation(spec.augment, spec.seed + rank)
     history: list[dict] = []
     best = {"score": -float("inf"), "epoch": -1, "state": None}
     start_epoch = 0
 
     resume_path = Path(resume_dir) / RESUME_FILE
-    remove_stale_temps(resume_dir)
+    if main:
+        remove_stale_temps(resume_dir)
+    distributed.barrier()
     if resume_path.is_file():
         tensors, meta = load_tensors(resume_path)
         if meta.get("fingerprint") == fingerprint:
@@ -135,49 +175,73 @@ def _train(model: nn.Module, spec: TrainSpec, labels: list[str], train: Rows, se
                                                   meta["param_groups"]))
             sched.load_state_dict(meta["sched"])
             gen.set_state(tensors["rng.shuffle"])
-            torch.set_rng_state(tensors["rng.torch"])
+            torch.set_rng_state(tensors.get(f"rng.torch.{rank}", tensors["rng.torch"]) if rank
+                                else tensors["rng.torch"])
             history, start_epoch = meta["history"], meta["epoch"] + 1
             best = {"score": meta["best_score"], "epoch": meta["best_epoch"],
                     "state": {k[5:]: v for k, v in tensors.items() if k.startswith("best.")}}
-            log.info("resuming from epoch %d (%s)", start_epoch, resume_path)
-        else:
+            if main:
+                log.info("resuming from epoch %d (%s)", start_epoch, resume_path)
+        elif main:
             log.info("ignoring resume state from a different configuration")
 
+    # DDP averages the ranks' gradients in backward; `model` stays the plain module (saved keys unprefixed)
+    net = model if world == 1 else nn.parallel.DistributedDataParallel(
+        model, device_ids=[device.index] if device.type == "cuda" else None)
+    infer = model if device.type == "cpu" else _OnDevice(model, device)
     for epoch in range(start_epoch, spec.epochs):
-        transform.set_random_seed(spec.seed * 1000 + epoch)
+        transform.set_random_seed(spec.seed * 1000 + epoch + 7919 * rank)
         model.train()
         freeze_norms(model)
         total, n = 0.0, 0
-        batches = iterate_batches(train_store, train_idx, train_targets, spec.batch_size, gen, transform)
+        if world == 1:
+            batches = iterate_batches(train_store, train_idx, train_targets, spec.batch_size, gen, transform)
+        else:
+            batches = _shard_batches(train_store, train_idx, train_targets, spec.batch_size, gen, transform,
+                                     rank, world)
         for x, y, _ in tqdm(batches, total=steps_per_epoch, desc=f"epoch {epoch + 1}/{spec.epochs}",
-                            unit="batch", leave=False, mininterval=5):
-            loss = masked_bce(model(x), y)
+                            unit="batch", leave=False, mininterval=5, disable=not main):
+            if device.type != "cpu":
+                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            loss = masked_bce(net(x), y)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             sched.step()
             total += float(loss.detach()) * len(x)
             n += len(x)
-        probs = predict(model, select.store, select.idx, spec.batch_size * 2)
-        score, val_loss = _val_score(select.targets, probs, labels)
+        if world > 1:
+            # BatchNorm statistics last moved with each rank's own batch: take rank 0's, so every rank
+            # validates, selects and calibrates the same weights
+            distributed.broadcast_buffers(model)
+            total, n = map(sum, zip(*distributed.all_gather_object((total, n))))
+        probs = predict(infer, select.store, select.idx, spec.batch_size * 2)
+        score, val_loss = distributed.broadcast_object(_val_score(select.targets, probs, labels))
         row = {"epoch": epoch, "train_loss": total / max(n, 1), "val_loss": val_loss, "val_score": score,
                "lr": sched.get_last_lr()[0]}
         history.append(row)
-        log.info("epoch %d/%d train_loss %.4f val_loss %.4f val_auroc %.4f", epoch + 1, spec.epochs,
-                 row["train_loss"], val_loss, score)
+        if main:
+            log.info("epoch %d/%d train_loss %.4f val_loss %.4f val_auroc %.4f", epoch + 1, spec.epochs,
+                     row["train_loss"], val_loss, score)
         if score > best["score"]:
             best = {"score": score, "epoch": epoch,
                     "state": {k: v.detach().clone() for k, v in model.state_dict().items()}}
-        opt_tensors, groups = _opt_to_tensors(opt)
-        save_tensors(resume_path, {
-            **{f"model.{k}": v for k, v in model.state_dict().items()},
-            **{f"best.{k}": v for k, v in best["state"].items()},
-            **opt_tensors, "rng.shuffle": gen.get_state(), "rng.torch": torch.get_rng_state(),
-        }, {"fingerprint": fingerprint, "epoch": epoch, "history": history, "param_groups": groups,
-            "sched": sched.state_dict(), "best_score": best["score"], "best_epoch": best["epoch"]})
+        torch_rngs = distributed.all_gather_object(torch.get_rng_state())  # dropout state of every rank
+        if main:
+            opt_tensors, groups = _opt_to_tensors(opt)
+            save_tensors(resume_path, {
+                **{f"model.{k}": v for k, v in model.state_dict().items()},
+                **{f"best.{k}": v for k, v in best["state"].items()},
+                **opt_tensors, "rng.shuffle": gen.get_state(), "rng.torch": torch_rngs[0],
+                **{f"rng.torch.{r}": s for r, s in enumerate(torch_rngs) if r},
+            }, {"fingerprint": fingerprint, "epoch": epoch, "history": history, "param_groups": groups,
+                "sched": sched.state_dict(), "best_score": best["score"], "best_epoch": best["epoch"]})
+        distributed.barrier()
 
     model.load_state_dict(best["state"])
-    probs = predict(model, calibrate.store, calibrate.idx, spec.batch_size * 2)
+    probs = predict(infer, calibrate.store, calibrate.idx, spec.batch_size * 2)
     thresholds = choose_thresholds(calibrate.targets, probs)
+    if device.type != "cpu":
+        model.to("cpu")  # callers save and evaluate on the CPU
     return {"history": history, "best_epoch": best["epoch"], "best_score": best["score"],
             "thresholds": [float(t) for t in thresholds]}

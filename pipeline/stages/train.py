@@ -7,6 +7,9 @@ the unmodified val images, the kind the model will meet.
 
 `train.trainable_last_n` / `train.trainable_blocks` freeze the rest of the network in every cycle;
 the checkpoint records its builder options (`model_kwargs`) and the trainable share.
+
+Under `torchrun --nproc_per_node N -m pipeline.stages.train ...` the ranks train together (DDP,
+pipeline/distributed.py); rank 0 alone logs and writes the checkpoint, history and resume file.
 """
 import hashlib
 import logging
@@ -15,6 +18,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from pipeline import distributed
 from pipeline.data.manifest import label_matrix, resolve_labels, rows
 from pipeline.data.store import ArrayStore
 from pipeline.data.transforms import NORMALISATION
@@ -29,6 +33,16 @@ log = logging.getLogger(__name__)
 
 
 def run(params, paths, args) -> None:
+    """One process, or one rank of a torchrun job (the process group lives as long as the stage)."""
+    if distributed.setup() and not distributed.is_main():
+        logging.getLogger().setLevel(logging.WARNING)
+    try:
+        _run(params, paths, args)
+    finally:
+        distributed.cleanup()
+
+
+def _run(params, paths, args) -> None:
     k, tp = args.cycle, params.train
     manifest = pd.read_parquet(paths.manifest)
     labels = resolve_labels(params.data.labels, manifest)
@@ -85,10 +99,12 @@ def run(params, paths, args) -> None:
         "selected_on": "enhanced val" if select is not raw_val else "val",
         "epochs": spec.epochs, "lr": spec.lr, "seed": spec.seed,
     }
-    save_model(paths.model(k), model, meta)
-    hist = pd.DataFrame(result["history"])
-    write_text(paths.root / "reports" / "train" / f"c{k}" / "history.csv", hist.to_csv(index=False))
-    (resume_dir / RESUME_FILE).unlink(missing_ok=True)
+    if distributed.is_main():
+        save_model(paths.model(k), model, meta)
+        hist = pd.DataFrame(result["history"])
+        write_text(paths.root / "reports" / "train" / f"c{k}" / "history.csv", hist.to_csv(index=False))
+        (resume_dir / RESUME_FILE).unlink(missing_ok=True)
+    distributed.barrier()
     log.info("cycle %d: best epoch %d, val AUROC %.4f", k, result["best_epoch"] + 1, result["best_score"])
 
 
