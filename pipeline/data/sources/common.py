@@ -8,7 +8,9 @@ and a file that cannot be read becomes a `Quarantined` row instead of an error.
 from __future__ import annotations
 
 import logging
+import math
 import os
+import re
 import secrets
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +26,7 @@ from pipeline.data.record import Quarantined, Record
 
 log = logging.getLogger(__name__)
 
+MAX_AGE = 120  # sources hold a few ages like 148 or 413: typing errors, left unknown
 SALT_ENV = "CXR_ID_SALT"
 SALT_FILE = Path(".cxr") / "id_salt"
 
@@ -44,6 +47,25 @@ def id_salt(project_root: str | os.PathLike = ".") -> str:
 
 def pseudonym(value: str, salt: str) -> str:
     return salted_hash(str(value), salt)
+
+
+def age_years(value) -> float | None:
+    """A DICOM age string ("045Y", "006M", "045") or a number -> years; None when missing or implausible."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return None
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([DWMYdwmy]?)\s*", str(value))
+    if not m:
+        return None
+    n = float(m.group(1))
+    years = n * {"": 1, "Y": 1, "M": 1 / 12, "W": 7 / 365.25, "D": 1 / 365.25}[m.group(2).upper()]
+    if years > MAX_AGE:
+        return None
+    return float(int(years)) if m.group(2).upper() in ("", "Y") else round(years, 2)
+
+
+def sex_of(value) -> str | None:
+    s = str(value or "").strip().upper()[:1]
+    return s if s in ("M", "F") else None
 
 
 @dataclass(frozen=True)

@@ -30,7 +30,6 @@ from __future__ import annotations
 import logging
 import math
 import os
-import re
 import warnings
 from collections import Counter
 from pathlib import Path
@@ -40,7 +39,7 @@ import pandas as pd
 
 from pipeline.config import Params
 from pipeline.data.record import Quarantined, Record
-from pipeline.data.sources.common import assign_splits, image_record, limited
+from pipeline.data.sources.common import age_years, assign_splits, image_record, limited, sex_of
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +64,6 @@ NIH_TO_CANONICAL: dict[str, str] = {
 }
 DROPPED = ("Emphysema", "Fibrosis", "Hernia")   # no canonical counterpart
 PROVIDED = tuple(dict.fromkeys(NIH_TO_CANONICAL.values()))  # canonical labels NIH gives (0/1)
-_MAX_AGE = 120  # the CSV has a few ages like 148 or 413: typing errors, left unknown
 
 
 def _finding(name: str) -> str:
@@ -83,22 +81,6 @@ def map_findings(finding_labels: str) -> tuple[dict[str, float], set[str]]:
         elif name not in DROPPED:
             unknown.add(name)
     return labels, unknown
-
-
-def age_years(value) -> float | None:
-    """58, "58", "058Y" or "006M" -> years; None when missing or implausible."""
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([DWMYdwmy]?)\s*", str(value or ""))
-    if not m:
-        return None
-    years = float(m.group(1)) * {"": 1, "Y": 1, "M": 1 / 12, "W": 7 / 365.25, "D": 1 / 365.25}[m.group(2).upper()]
-    if years > _MAX_AGE:
-        return None
-    return float(int(years)) if m.group(2).upper() in ("", "Y") else round(years, 2)
-
-
-def _sex(value) -> str | None:
-    s = str(value or "").strip().upper()[:1]
-    return s if s in ("M", "F") else None
 
 
 def _patient(value) -> str:
@@ -237,7 +219,7 @@ def records(params: Params, salt: str = "") -> Iterator[Record | Quarantined]:
         rec = image_record(root, rel, p, salt, image_id=Path(name).stem, patient_id=patient_of[name],
                            split=split_of[patient_of[name]], labels=labels, boxes_px=boxes.get(name, []),
                            meta={"age_years": age_years(row[col["Patient Age"]]),
-                                 "sex": _sex(row[col["Patient Gender"]])},
+                                 "sex": sex_of(row[col["Patient Gender"]])},
                            view=view)
         if isinstance(rec, Quarantined):
             counts["unreadable"] += 1

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import logging
 import math
-import re
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,7 +38,7 @@ import pandas as pd
 from pipeline.config import Params
 from pipeline.data.decode import quiet_pydicom, salted_hash
 from pipeline.data.record import Quarantined, Record
-from pipeline.data.sources.common import assign_splits, image_record, limited, pseudonym
+from pipeline.data.sources.common import age_years, assign_splits, image_record, limited, pseudonym, sex_of
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +52,6 @@ _AGE_COLUMNS = ("PatientAge", "age", "Age", "patientAge")
 _SEX_COLUMNS = ("PatientSex", "sex", "Sex", "patientSex")
 _VIEW_COLUMNS = ("ViewPosition", "view", "View", "viewPosition")
 _HEADER_TAGS = ["PatientID", "PatientAge", "PatientSex", "ViewPosition"]
-_MAX_AGE = 120  # RSNA has a few ages like 148 or 155: typing errors, left unknown
 
 
 @dataclass
@@ -64,25 +62,6 @@ class _Study:
     age: float | None
     sex: str | None
     view: str | None
-
-
-def age_years(value) -> float | None:
-    """A DICOM age string ("045Y", "006M", "045") or a number -> years; None when missing or implausible."""
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return None
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([DWMYdwmy]?)\s*", str(value))
-    if not m:
-        return None
-    n = float(m.group(1))
-    years = n * {"": 1, "Y": 1, "M": 1 / 12, "W": 7 / 365.25, "D": 1 / 365.25}[m.group(2).upper()]
-    if years > _MAX_AGE:
-        return None
-    return float(int(years)) if m.group(2).upper() in ("", "Y") else round(years, 2)
-
-
-def sex_of(value) -> str | None:
-    s = str(value or "").strip().upper()[:1]
-    return s if s in ("M", "F") else None
 
 
 def _first_column(frame: pd.DataFrame, names) -> str | None:
