@@ -10,7 +10,6 @@ import logging
 import os
 import platform
 import tempfile
-import time
 
 import numpy as np
 import torch
@@ -21,23 +20,13 @@ from pipeline.cam.maps import resize
 from pipeline.data import phantom
 from pipeline.data.dataset import iterate_batches, predict
 from pipeline.data.store import ArrayStoreWriter
+from benchmarks.timing import median_ms
 from pipeline.io import read_json, write_json
 from pipeline.models.registry import create_model
 from benchmarks.viewer import bench_viewer
 
 log = logging.getLogger("benchmarks")
 OUT = "reports/benchmarks.json"
-
-
-def _time(fn, repeats: int = 5) -> float:
-    """Median wall time of `fn` in ms, after one warm-up call."""
-    fn()
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return float(np.median(times)) * 1000
 
 
 def bench_cam(archs=("resnet50", "densenet121"), labels: int = 14, size: int = 224) -> dict:
@@ -48,11 +37,11 @@ def bench_cam(archs=("resnet50", "densenet121"), labels: int = 14, size: int = 2
         model = create_model(arch, labels, image_size=size).eval()
         x = torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(1))
         with torch.no_grad():
-            forward = _time(lambda: model(x), 7)
+            forward = median_ms(lambda: model(x), 7)
         cam = AllLabelCAM(model, arch)
-        fast = _time(lambda: cam(x), 7)
+        fast = median_ms(lambda: cam(x), 7)
         with library_sees_layer_output(), LibraryCAM(model, arch) as lib:
-            loop = _time(lambda: lib(x, list(range(labels))), 2)
+            loop = median_ms(lambda: lib(x, list(range(labels))), 2)
             ref = lib(x, list(range(labels)))
         diff = float(np.abs(resize(cam(x), size).numpy() - ref).max())
         out[arch] = {"forward_ms": round(forward, 1), "all_label_cam_ms": round(fast, 1),
@@ -95,8 +84,8 @@ def _dataset_throughput(store, arch: str, size: int, labels: int, batch: int) ->
     idx = np.arange(n)
     torch.manual_seed(0)
     model = create_model(arch, labels, image_size=size).eval()
-    infer = _time(lambda: predict(model, store, idx, batch), 3)
-    cams = _time(lambda: list(dataset_cams(model, arch, (x for x, _, _ in iterate_batches(store, idx, None, batch)))), 3)
+    infer = median_ms(lambda: predict(model, store, idx, batch), 3)
+    cams = median_ms(lambda: list(dataset_cams(model, arch, (x for x, _, _ in iterate_batches(store, idx, None, batch)))), 3)
     return {"image_size": size, "labels": labels, "batch_size": batch, "images": n,
             "inference_images_per_s": round(n / infer * 1000, 1), "cam_images_per_s": round(n / cams * 1000, 1),
             "cam_over_inference_throughput": round(infer / cams, 3)}
@@ -113,7 +102,7 @@ def bench_train(arch: str = "tinyvgg", size: int = 128, batch: int = 64) -> dict
         opt.zero_grad()
         loss.backward()
         opt.step()
-    ms = _time(step)
+    ms = median_ms(step)
     return {arch: {"train_images_per_s": round(batch / ms * 1000, 1), "image_size": size}}
 
 

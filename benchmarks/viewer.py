@@ -24,6 +24,7 @@ from pipeline.config import Params, Paths, load_params
 from pipeline.data import phantom
 from pipeline.data.labels import CANONICAL_LABELS
 from pipeline.data.transforms import NORMALISATION
+from benchmarks.timing import median_ms
 from pipeline.io import write_json
 from pipeline.models.checkpoint import save_model
 from pipeline.models.registry import create_model
@@ -61,16 +62,6 @@ def _film(size: int = 1024) -> bytes:
     return buf.getvalue()
 
 
-def _median_ms(fn, repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return float(np.median(times) * 1000)
-
-
 def _interleaved_ms(fns: dict, repeats: int) -> dict:
     """Median ms of each function, timed in turn within each round, so that load from other processes
     on a shared machine falls on all of them alike."""
@@ -96,7 +87,7 @@ def _in_process(root: Path, data: bytes, repeats: int) -> dict:
                          "forward_latest": lambda: engine.forward_only(image, baseline=False),
                          "analyse_latest": lambda: engine.analyse(data, baseline=False)}, repeats)
     parts = engine.analyse(data).timings_ms
-    decode = _median_ms(lambda: engine.prepare(data), repeats)
+    decode = median_ms(lambda: engine.prepare(data), repeats)
     return {"forward_ms": round(t["forward"], 1), "analyse_ms": round(t["analyse"], 1),
             "analyse_over_forward": round(t["analyse"] / t["forward"], 3),
             "decode_ms": round(decode, 1),
