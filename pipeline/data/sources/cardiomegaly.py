@@ -30,7 +30,7 @@ from typing import Iterator
 
 from pipeline.config import Params
 from pipeline.data.record import Quarantined, Record
-from pipeline.data.sources.common import first_n, image_record, is_junk, official_splits, subfolders
+from pipeline.data.sources.common import first_n, image_record, is_junk, official_records, subfolders
 
 log = logging.getLogger(__name__)
 
@@ -98,15 +98,11 @@ def records(params: Params, salt: str = "") -> Iterator[Record | Quarantined]:
     p, root = params.data, Path(params.data.root)
     items = first_n(scan(root), p, group=lambda it: (it.official, it.cls))
     counts: Counter = Counter()
-    for it, split in official_splits(items, p, lambda it: it.official):
-        if isinstance(split, Quarantined):
-            counts["quarantined"] += 1
-            yield split
-            continue
-        rec = image_record(root, it.rel, p, salt, image_id=it.image_id, patient_id=it.patient, split=split,
-                           labels=labels_of(it.cls))
-        counts["quarantined" if isinstance(rec, Quarantined) else rec.split] += 1
-        yield rec
+    def record(it, split):
+        return image_record(root, it.rel, p, salt, image_id=it.image_id, patient_id=it.patient, split=split,
+                            labels=labels_of(it.cls))
+
+    yield from official_records(items, p, lambda it: it.official, record, counts)
     log.info("cardiomegaly: %d films of %d patients from %s (train %d, val %d, test %d; %d quarantined)",
              len(items), len({it.patient for it in items}), root, counts["train"], counts["val"], counts["test"],
              counts["quarantined"])

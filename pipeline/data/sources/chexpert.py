@@ -39,7 +39,7 @@ from typing import Iterator
 from pipeline.config import ChexpertParams, Params
 from pipeline.data.labels import CANONICAL_LABELS
 from pipeline.data.record import Quarantined, Record
-from pipeline.data.sources.common import first_n, image_record, official_splits
+from pipeline.data.sources.common import first_n, image_record, official_records
 
 log = logging.getLogger(__name__)
 
@@ -189,16 +189,12 @@ def records(params: Params, salt: str = "") -> Iterator[Record | Quarantined]:
     items = first_n([it for rows in scan(root, params.chexpert).values() for it in rows], p,
                     group=lambda it: it.official)
     counts: Counter = Counter()
-    for it, split in official_splits(items, p, lambda it: it.official):
-        if isinstance(split, Quarantined):
-            counts["quarantined"] += 1
-            yield split
-            continue
-        rec = image_record(root, it.rel, p, salt, image_id=it.image_id, patient_id=it.patient, split=split,
-                           labels=_map_cells(it.cells, params.chexpert),
-                           meta={"age_years": it.age_years, "sex": it.sex}, view=it.view)
-        counts["quarantined" if isinstance(rec, Quarantined) else rec.split] += 1
-        yield rec
+    def record(it, split):
+        return image_record(root, it.rel, p, salt, image_id=it.image_id, patient_id=it.patient, split=split,
+                            labels=_map_cells(it.cells, params.chexpert),
+                            meta={"age_years": it.age_years, "sex": it.sex}, view=it.view)
+
+    yield from official_records(items, p, lambda it: it.official, record, counts)
     log.info("chexpert: %d films of %d patients from %s (train %d, val %d, test %d; %d quarantined; %s)",
              len(items), len({it.patient for it in items}), root, counts["train"], counts["val"], counts["test"],
              counts["quarantined"], "frontal only" if params.chexpert.frontal_only else "frontal and lateral")

@@ -8,6 +8,7 @@ and a file that cannot be read becomes a `Quarantined` row instead of an error.
 from __future__ import annotations
 
 import logging
+from collections import Counter
 import math
 import os
 import re
@@ -219,3 +220,13 @@ def official_splits(items: list, p: DataParams, official: Callable[[object], str
                                           "left out so that no patient spans two splits")
         else:
             yield it, split_of[it.patient]
+
+
+def official_records(items: list, p: DataParams, official: Callable[[object], str],
+                     make: Callable[[object, str], Record | Quarantined], counts: Counter) -> Iterator:
+    """`make(item, split)` for each item of `official_splits`, its Quarantined row otherwise;
+    `counts` gets one count per split and per quarantined file."""
+    for it, split in official_splits(items, p, official):
+        rec = split if isinstance(split, Quarantined) else make(it, split)
+        counts["quarantined" if isinstance(rec, Quarantined) else rec.split] += 1
+        yield rec

@@ -35,7 +35,7 @@ from typing import Iterator
 
 from pipeline.config import Params
 from pipeline.data.record import Quarantined, Record
-from pipeline.data.sources.common import first_n, image_record, is_junk, official_splits, subfolders
+from pipeline.data.sources.common import first_n, image_record, is_junk, official_records, subfolders
 
 log = logging.getLogger(__name__)
 
@@ -109,15 +109,11 @@ def records(params: Params, salt: str = "") -> Iterator[Record | Quarantined]:
         return "train" if (it.official == "val" and params.kermany.resplit_val) else it.official
 
     counts: Counter = Counter()
-    for it, split in official_splits(items, p, official):
-        if isinstance(split, Quarantined):
-            counts["quarantined"] += 1
-            yield split
-            continue
-        rec = image_record(root, it.rel, p, salt, image_id=it.image_id, patient_id=it.patient, split=split,
-                           labels=labels_of(it.cls), meta={"pneumonia_type": it.pneumonia_type}, view=VIEW)
-        counts["quarantined" if isinstance(rec, Quarantined) else rec.split] += 1
-        yield rec
+    def record(it, split):
+        return image_record(root, it.rel, p, salt, image_id=it.image_id, patient_id=it.patient, split=split,
+                            labels=labels_of(it.cls), meta={"pneumonia_type": it.pneumonia_type}, view=VIEW)
+
+    yield from official_records(items, p, official, record, counts)
     log.info("kermany: %d films of %d patients from %s (train %d, val %d, test %d; %d quarantined; val %s)",
              len(items), len({it.patient for it in items}), root, counts["train"], counts["val"], counts["test"],
              counts["quarantined"], "re-drawn from train" if params.kermany.resplit_val else "official")
