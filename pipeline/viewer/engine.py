@@ -30,7 +30,7 @@ from pipeline.data.sources.common import fit_square
 from pipeline.data.transforms import NORMALISATION, to_model_input
 from pipeline.io import read_json
 from pipeline.metrics.localization import energy_share
-from pipeline.models.checkpoint import CheckpointError, file_sha256, load_model
+from pipeline.models.checkpoint import MODEL_FILE, CheckpointError, file_sha256, load_model
 
 log = logging.getLogger(__name__)
 
@@ -183,8 +183,8 @@ class Engine:
         model, meta = load_model(path)
         for p in model.parameters():   # inference only: the CAM needs gradients of activations, not weights
             p.requires_grad_(False)
-        served = Served(model, meta, AllLabelCAM(model, meta["arch"], self.cam_method),
-                        path if path.is_file() else path / "model.safetensors", file_sha256(path if path.is_file() else path / "model.safetensors"))
+        weights = path if path.is_file() else path / MODEL_FILE
+        served = Served(model, meta, AllLabelCAM(model, meta["arch"], self.cam_method), weights, file_sha256(weights))
         model.register_forward_hook(lambda m, i, out: served.logits.append(out.detach()))
         return served
 
