@@ -33,7 +33,8 @@ from pipeline.cam.maps import upsample
 from pipeline.config import EnhanceParams
 from pipeline.data.labels import anatomy_of
 from pipeline.data.record import decode_anatomy
-from pipeline.data.store import ArrayStore, ArrayStoreWriter
+from pipeline.data.store import ArrayStore, write_store
+from pipeline.engine import Engine, in_process, shard_slices
 
 log = logging.getLogger(__name__)
 
@@ -170,35 +171,51 @@ def make_plan(p: EnhanceParams, cams: ArrayStore, masks: ArrayStore, train_idx: 
     return Plan(hot, keep, atlas, keep_atlas, stats)
 
 
+def enhance_shard(p: EnhanceParams, hot: np.ndarray | None, keep: np.ndarray | None, images_root: str,
+                  masks_root: str, rows: np.ndarray, donor_rows: np.ndarray, cams_root: str | None,
+                  cam_rows: np.ndarray, targets: np.ndarray | None, batch_size: int = 256) -> np.ndarray:
+    """The enhanced images of `rows` (one task); `donor_rows` are their donors, `cam_rows` their
+    positions in the CAM store (overlay only)."""
+    images, masks = ArrayStore(images_root), ArrayStore(masks_root)
+    cams = ArrayStore(cams_root) if cams_root else None
+    size = images.item_shape[-1]
+    out = []
+    for s in shard_slices(len(rows), batch_size):
+        imgs, anat = images.read(rows[s]), masks.read(rows[s])
+        if p.policy == "counterfactual":
+            out.append(counterfactual(imgs, images.read(donor_rows[s]), anat, hot, p, keep))
+        elif p.policy == "overlay":
+            out.append(overlay(imgs, anat, upsample(cams.read(cam_rows[s]), size), targets[s], p))
+        else:
+            out.append(suppress(imgs, anat, p))
+    return np.concatenate(out)
+
+
 def apply_plan(p: EnhanceParams, plan: Plan, images: ArrayStore, masks: ArrayStore, rows: np.ndarray, out_dir,
                shard_size: int, seed: list[int], cams: ArrayStore | None = None, targets: np.ndarray | None = None,
-               batch_size: int = 256) -> ArrayStore:
-    """Write the enhanced images of `rows` (a store aligned with `rows`); donors are other images of
-    the same rows. `overlay` also needs these rows' CAMs and labels (it is label-dependent)."""
+               engine: Engine | None = None) -> ArrayStore:
+    """Write the enhanced images of `rows` (a store aligned with `rows`), one task per output shard;
+    donors are other images of the same rows. `overlay` also needs these rows' CAMs and labels (it is
+    label-dependent)."""
     if p.policy == "overlay" and (cams is None or targets is None):
         raise ValueError("the overlay policy needs each image's CAMs and labels")
-    size = images.item_shape[-1]
-    donor_of = derangement(len(rows), np.random.default_rng(seed))
-    writer = ArrayStoreWriter(out_dir, (size, size), np.uint8, shard_size, attrs={"policy": p.policy})
-    for start in range(0, len(rows), batch_size):
-        local = np.arange(start, min(start + batch_size, len(rows)))
-        imgs, anat = images.read(rows[local]), masks.read(rows[local])
-        if p.policy == "counterfactual":
-            batch = counterfactual(imgs, images.read(rows[donor_of[local]]), anat, plan.hot, p, plan.keep)
-        elif p.policy == "overlay":
-            batch = overlay(imgs, anat, upsample(cams.read(local), size), targets[local], p)
-        else:
-            batch = suppress(imgs, anat, p)
-        writer.append(batch)
-    return writer.close()
+    engine = engine or in_process()
+    donor_of = derangement(len(rows), np.random.default_rng(seed))  # drawn once, whole-dataset, here
+    local = np.arange(len(rows))
+    cams_root = str(cams.root.resolve()) if p.policy == "overlay" else None
+    tasks = ((p, plan.hot, plan.keep, str(images.root.resolve()), str(masks.root.resolve()), rows[s],
+              rows[donor_of[s]], cams_root, local[s], None if targets is None else targets[s])
+             for s in shard_slices(len(rows), shard_size))
+    return write_store(out_dir, engine.map(enhance_shard, tasks), np.uint8, shard_size, attrs={"policy": p.policy})
 
 
 def enhance(p: EnhanceParams, images: ArrayStore, masks: ArrayStore, cams: ArrayStore,
             train_idx: np.ndarray, targets: np.ndarray, labels: list[str], out_dir, shard_size: int,
-            cycle: int) -> tuple[ArrayStore, Plan]:
+            cycle: int, engine: Engine | None = None) -> tuple[ArrayStore, Plan]:
     """Plan from the training CAMs and write the enhanced training images (aligned with `train_idx`)."""
     plan = make_plan(p, cams, masks, train_idx, labels)
-    store = apply_plan(p, plan, images, masks, train_idx, out_dir, shard_size, [p.seed, cycle], cams, targets)
+    store = apply_plan(p, plan, images, masks, train_idx, out_dir, shard_size, [p.seed, cycle], cams, targets,
+                       engine)
     plan.stats["n_images"] = int(len(train_idx))
     return store, plan
 

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from pipeline.config import Paths, load_params
+from pipeline.data.record import materialise
 from pipeline.data.sources import phantom as phantom_source
 from pipeline.data.transforms import NORMALISATION, to_model_input
 from pipeline.io import read_json, write_json
@@ -40,7 +41,7 @@ def draw(params, patients: int, seed: int) -> dict[str, list]:
                                                                         "test_shifted": 0.45})}),
         "phantom": params.phantom.model_copy(update={"n_patients": patients})})
     out: dict[str, list] = {s: [] for s in SPLITS}
-    for rec in phantom_source.records(fresh):
+    for rec in materialise(phantom_source.records(fresh)):
         if rec.split in out:
             out[rec.split].append(rec)
     return out

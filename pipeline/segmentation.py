@@ -14,13 +14,13 @@ import numpy as np
 import segmentation_models_pytorch as smp
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
 
 from pipeline.config import Params, SegmentParams
 from pipeline.data.manifest import patient_split
 from pipeline.data.record import HEART_BIT, LUNGS_BIT, Quarantined
-from pipeline.data.store import ArrayStore, ArrayStoreWriter
-from pipeline.models.checkpoint import load_tensors, save_tensors
+from pipeline.data.store import ArrayStore, write_store
+from pipeline.engine import Engine, cached, file_key, shard_slices
+from pipeline.models.checkpoint import CheckpointError, load_state, load_tensors, save_tensors
 
 log = logging.getLogger(__name__)
 STRUCTURES = ("lungs", "heart")
@@ -101,15 +101,21 @@ def predict_masks(net: torch.nn.Module, images: np.ndarray, size: int, out_size:
     return ((probs[:, 0] > 0.5) * LUNGS_BIT | (probs[:, 1] > 0.5) * HEART_BIT).astype(np.uint8)
 
 
-def predict_store(net: torch.nn.Module, images: ArrayStore, out_dir, size: int, shard_size: int,
-                  batch_size: int = 128) -> ArrayStore:
-    """Predict a mask for every image of a store, shard by shard."""
-    out_size = images.item_shape[-1]
-    writer = ArrayStoreWriter(out_dir, (out_size, out_size), np.uint8, shard_size, attrs={"bits": {"lungs": LUNGS_BIT, "heart": HEART_BIT}})
-    for _, batch in tqdm(images.iter_batches(batch_size), total=-(-len(images) // batch_size),
-                         desc="segment", unit="batch", mininterval=5):
-        writer.append(predict_masks(net, batch, size, out_size))
-    return writer.close()
+@torch.no_grad()
+def predict_shard(unet_path: str, images_root: str, rows: slice, batch_size: int = 128) -> np.ndarray:
+    """Masks of the images `rows` of a store, by the saved U-Net (loaded once per worker process)."""
+    net, meta = cached(("unet", *file_key(unet_path)), lambda: load_unet(unet_path))
+    images = ArrayStore(images_root)
+    idx = np.arange(images.count)[rows]
+    return np.concatenate([predict_masks(net, batch, meta["size"], images.item_shape[-1])
+                           for _, batch in images.iter_batches(batch_size, idx)])
+
+
+def predict_store(engine: Engine, unet_path, images: ArrayStore, out_dir, shard_size: int) -> ArrayStore:
+    """Predict a mask for every image of a store; each shard of the output is one task."""
+    tasks = ((str(unet_path), str(images.root.resolve()), s) for s in shard_slices(len(images), shard_size))
+    return write_store(out_dir, engine.map(predict_shard, tasks), np.uint8, shard_size,
+                       attrs={"bits": {"lungs": LUNGS_BIT, "heart": HEART_BIT}})
 
 
 def evaluate_masks(pred: np.ndarray, truth: np.ndarray, known: np.ndarray) -> dict:
@@ -132,9 +138,16 @@ def save_unet(path, net: torch.nn.Module, p: SegmentParams) -> None:
 
 
 def load_unet(path) -> tuple[torch.nn.Module, dict]:
+    """The saved U-Net; a CheckpointError naming the file when it is corrupt or not this U-Net."""
     state, meta = load_tensors(path)
-    net = build_unet(meta["encoder"])
-    net.load_state_dict(state)
+    encoder, size = meta.get("encoder"), meta.get("size")
+    if meta.get("arch") != "smp.Unet" or not isinstance(encoder, str) or not isinstance(size, int) or size < 1:
+        raise CheckpointError(f"checkpoint {path} is not a U-Net checkpoint (metadata arch, encoder, size)")
+    try:
+        net = build_unet(encoder)
+    except (KeyError, ValueError, TypeError) as err:
+        raise CheckpointError(f"checkpoint {path}: no U-Net with encoder {encoder!r} ({err})") from None
+    load_state(net, state, path, f"smp.Unet({encoder})")
     return net.eval(), meta
 
 

@@ -15,7 +15,7 @@ from pipeline.config import Params, Paths
 from pipeline.data.labels import CANONICAL_LABELS
 from pipeline.data.manifest import validate_manifest
 from pipeline.data.prepare import prepare, source_module
-from pipeline.data.record import Quarantined
+from pipeline.data.record import Quarantined, materialise
 from pipeline.data.sources.common import id_salt, pseudonym
 from pipeline.data.store import ArrayStore
 from tests.conftest import tiny_params
@@ -105,7 +105,7 @@ def test_contract_splits_and_quarantine(source, built, default):
 def test_limit_reads_the_first_n(source, built):
     root, _ = built[source]
     params = make_params(source, root, limit=10)
-    recs = list(source_module(source).records(params, "salt"))
+    recs = list(materialise(source_module(source).records(params, "salt")))
     assert len(recs) == 10
     kept = [r for r in recs if not isinstance(r, Quarantined)]
     if source in ("kermany", "cardiomegaly", "chexpert"):  # a quick look keeps every official split
@@ -150,10 +150,10 @@ def test_kermany_official_val_kept(built, tmp_path):
 
 def test_kermany_root_may_be_chest_xray(built, tmp_path):
     root, facts = built["kermany"]
-    recs = list(source_module("kermany").records(make_params("kermany", root / "chest_xray"), ""))
+    recs = list(materialise(source_module("kermany").records(make_params("kermany", root / "chest_xray"), "")))
     kept = [r for r in recs if not isinstance(r, Quarantined)]
     assert len(kept) == facts["n_images"] and all(not r.source_path.startswith("chest_xray/") for r in kept)
-    by_root = {r.image_id for r in source_module("kermany").records(make_params("kermany", root), "")
+    by_root = {r.image_id for r in materialise(source_module("kermany").records(make_params("kermany", root), ""))
                if not isinstance(r, Quarantined)}
     assert {r.image_id for r in kept} == by_root  # ids do not depend on which root was given
 
@@ -176,7 +176,7 @@ def test_cardiomegaly_nested_download_layout(tmp_path):
     from tests.fixtures import cardiomegaly
 
     facts = cardiomegaly.build(tmp_path / "ds", nested=True)
-    recs = list(source_module("cardiomegaly").records(make_params("cardiomegaly", tmp_path / "ds"), ""))
+    recs = list(materialise(source_module("cardiomegaly").records(make_params("cardiomegaly", tmp_path / "ds"), "")))
     kept = [r for r in recs if not isinstance(r, Quarantined)]
     assert {r.source_path for r in kept} == set(facts["usable"])
     assert all(r.source_path.startswith(("train/train/", "test/test/")) for r in kept)

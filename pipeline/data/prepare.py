@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+from typing import Iterable, Iterator
 
 import numpy as np
 import pandas as pd
@@ -11,9 +12,10 @@ from tqdm import tqdm
 from pipeline.config import Params, Paths
 from pipeline.data.labels import CANONICAL_LABELS
 from pipeline.data.manifest import BOX_COLUMNS, validate_manifest
-from pipeline.data.record import Quarantined, Record
+from pipeline.data.record import Quarantined, Record, materialise
 from pipeline.data.sources.common import id_salt
 from pipeline.data.store import ArrayStoreWriter
+from pipeline.engine import Engine, open_engine
 from pipeline.io import write_json, write_parquet, write_text
 
 log = logging.getLogger(__name__)
@@ -59,6 +61,27 @@ def _choose_grid(manifest: pd.DataFrame, labels: list[str], seed: int) -> list[s
     return (chosen + rest)[:GRID_MAX]
 
 
+def load_chunk(items: list) -> list[Record | Quarantined]:
+    """One task: a chunk of a source's stream with its pixels read."""
+    return list(materialise(items))
+
+
+def loaded(engine: Engine, items: Iterable, chunk: int) -> Iterator[Record | Quarantined]:
+    """A source's stream, loaded `chunk` items per task on `engine`, in the source's order."""
+    def tasks():
+        buf = []
+        for item in items:
+            buf.append(item)
+            if len(buf) == chunk:
+                yield (buf,)
+                buf = []
+        if buf:
+            yield (buf,)
+
+    for result in engine.map(load_chunk, tasks()):
+        yield from result
+
+
 def prepare(params: Params, paths: Paths) -> dict:
     """Write every prepared artefact and reports/quarantine.csv; returns a small summary."""
     module = source_module(params.data.source)
@@ -69,30 +92,32 @@ def prepare(params: Params, paths: Paths) -> dict:
     images = ArrayStoreWriter(paths.images, (size, size), np.uint8, params.data.shard_size,
                               attrs={"source": params.data.source})
     masks = None
-    for rec in tqdm(module.records(params, id_salt(paths.root)), desc="prepare", unit="img", mininterval=2):
-        if isinstance(rec, Quarantined):
-            log.warning("quarantined %s: %s", rec.source_path, rec.reason)
-            quarantined.append(rec)
-            continue
-        rec: Record
-        if rec.image.shape != (size, size) or rec.image.dtype != np.uint8:
-            raise ValueError(f"source {params.data.source} yielded {rec.image.shape}/{rec.image.dtype} "
-                             f"for {rec.image_id}; expected ({size}, {size}) uint8")
-        images.append(rec.image[None])
-        if rec.anatomy is not None:
-            if masks is None:
-                if rows:
-                    raise ValueError("a source must give anatomy masks for every image or for none")
-                masks = ArrayStoreWriter(paths.gt_masks, (size, size), np.uint8, params.data.shard_size)
-            masks.append(rec.anatomy[None])
-        elif masks is not None:
-            raise ValueError(f"{rec.image_id} has no anatomy mask but earlier images had one")
-        row = {"image_id": rec.image_id, "patient_id": rec.patient_id, "split": rec.split,
-               "source_path": rec.source_path, "view": rec.view}
-        row.update({label: rec.labels.get(label, np.nan) for label in CANONICAL_LABELS})
-        row.update(rec.meta)
-        rows.append(row)
-        boxes += [(rec.image_id, *box) for box in rec.boxes]
+    with open_engine(params.engine) as engine:
+        for rec in tqdm(loaded(engine, module.records(params, id_salt(paths.root)), params.data.shard_size),
+                        desc="prepare", unit="img", mininterval=2):
+            if isinstance(rec, Quarantined):
+                log.warning("quarantined %s: %s", rec.source_path, rec.reason)
+                quarantined.append(rec)
+                continue
+            rec: Record
+            if rec.image.shape != (size, size) or rec.image.dtype != np.uint8:
+                raise ValueError(f"source {params.data.source} yielded {rec.image.shape}/{rec.image.dtype} "
+                                 f"for {rec.image_id}; expected ({size}, {size}) uint8")
+            images.append(rec.image[None])
+            if rec.anatomy is not None:
+                if masks is None:
+                    if rows:
+                        raise ValueError("a source must give anatomy masks for every image or for none")
+                    masks = ArrayStoreWriter(paths.gt_masks, (size, size), np.uint8, params.data.shard_size)
+                masks.append(rec.anatomy[None])
+            elif masks is not None:
+                raise ValueError(f"{rec.image_id} has no anatomy mask but earlier images had one")
+            row = {"image_id": rec.image_id, "patient_id": rec.patient_id, "split": rec.split,
+                   "source_path": rec.source_path, "view": rec.view}
+            row.update({label: rec.labels.get(label, np.nan) for label in CANONICAL_LABELS})
+            row.update(rec.meta)
+            rows.append(row)
+            boxes += [(rec.image_id, *box) for box in rec.boxes]
     write_quarantine(paths.quarantine, quarantined)
     if not rows:
         raise ValueError(f"data.source {params.data.source!r} yielded no usable images "

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Callable, Iterable, Iterator
 
 import numpy as np
 
@@ -29,6 +30,28 @@ class Quarantined:
     """A file a source could not use: listed in reports/quarantine.csv, and the run goes on."""
     source_path: str                  # relative to data.root
     reason: str                       # one line; never a patient identifier
+
+
+@dataclass(frozen=True)
+class Pending:
+    """Decoding a source defers so that it can run anywhere (a Dask worker): `fn(*args)` reads the
+    pixels and returns what the source would have yielded (a Record, a Quarantined row, or a list of
+    them). Sources list their files cheaply and leave the pixels to `load`."""
+    fn: Callable
+    args: tuple
+
+    def load(self) -> list["Record | Quarantined"]:
+        out = self.fn(*self.args)
+        return out if isinstance(out, list) else [out]
+
+
+def materialise(items: Iterable) -> Iterator["Record | Quarantined"]:
+    """A source's stream with every Pending item loaded here, in order."""
+    for item in items:
+        if isinstance(item, Pending):
+            yield from item.load()
+        else:
+            yield item
 
 
 def encode_anatomy(lungs: np.ndarray, heart: np.ndarray) -> np.ndarray:

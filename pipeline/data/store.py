@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import shutil
 from pathlib import Path
-from typing import Iterator
+from typing import Iterable, Iterator
 
 import numpy as np
 
@@ -138,3 +138,17 @@ class ArrayStore:
         for start in range(0, len(idx), batch_size):
             chunk = idx[start:start + batch_size]
             yield chunk, self.read(chunk)
+
+
+def write_store(root: str | os.PathLike, batches: Iterable[np.ndarray], dtype, shard_size: int,
+                attrs: dict | None = None) -> ArrayStore:
+    """Stream `batches` (n, *item_shape) into a new store whose item shape is the first batch's.
+    Nothing is committed (no index) unless every batch arrives."""
+    writer = None
+    for batch in batches:
+        if writer is None:
+            writer = ArrayStoreWriter(root, batch.shape[1:], dtype, shard_size, attrs)
+        writer.append(batch)
+    if writer is None:
+        raise ValueError(f"{root}: nothing to store")
+    return writer.close()

@@ -10,6 +10,7 @@ import pandas as pd
 
 from pipeline.data.manifest import rows
 from pipeline.data.store import ArrayStore
+from pipeline.engine import open_engine
 from pipeline.io import write_json
 from pipeline.segmentation import (evaluate_masks, mask_sets, predict_masks, predict_store, save_unet,
                                    train_unet)
@@ -34,8 +35,10 @@ def run(params, paths, args) -> None:
         held_pred = predict_masks(net, held.images, p.size, images.item_shape[-1])
         scores = {"sources": sorted(set(train.sources)), "n_train": len(train.images),
                   "quarantined": len(quarantined), "held_out": evaluate_masks(held_pred, held.masks, held.known)}
-    save_unet(paths.unet / "unet.safetensors", net, p)
-    pred = predict_store(net, images, paths.masks, p.size, params.data.shard_size)
+    unet_path = paths.unet / "unet.safetensors"
+    save_unet(unet_path, net, p)
+    with open_engine(params.engine) as engine:
+        pred = predict_store(engine, unet_path.resolve(), images, paths.masks, params.data.shard_size)
     if has_truth:  # the data's own ground truth, on images the U-Net never saw
         val = rows(manifest, "val")
         scores["val"] = evaluate_masks(pred.read(val), truth.read(val), np.ones((len(val), 2), bool))

@@ -103,6 +103,6 @@ def records(params: Params, salt: str = "") -> Iterator[Record | Quarantined]:
                             labels=labels_of(it.cls))
 
     yield from official_records(items, p, lambda it: it.official, record, counts)
-    log.info("cardiomegaly: %d films of %d patients from %s (train %d, val %d, test %d; %d quarantined)",
+    log.info("cardiomegaly: %d films of %d patients from %s listed (train %d, val %d, test %d; %d left out: patient in two splits)",
              len(items), len({it.patient for it in items}), root, counts["train"], counts["val"], counts["test"],
              counts["quarantined"])

@@ -195,6 +195,6 @@ def records(params: Params, salt: str = "") -> Iterator[Record | Quarantined]:
                             meta={"age_years": it.age_years, "sex": it.sex}, view=it.view)
 
     yield from official_records(items, p, lambda it: it.official, record, counts)
-    log.info("chexpert: %d films of %d patients from %s (train %d, val %d, test %d; %d quarantined; %s)",
+    log.info("chexpert: %d films of %d patients from %s listed (train %d, val %d, test %d; %d left out: patient in two splits; %s)",
              len(items), len({it.patient for it in items}), root, counts["train"], counts["val"], counts["test"],
              counts["quarantined"], "frontal only" if params.chexpert.frontal_only else "frontal and lateral")

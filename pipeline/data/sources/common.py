@@ -1,9 +1,10 @@
 """What every real-dataset adapter shares: reading an image into the prepared square, mapping boxes
 the same way, pseudonymous ids, and patient-level splits.
 
-An adapter is a module with `records(params, salt) -> Iterator[Record | Quarantined]`; it decodes
-through `read_image`, so every source fits, crops and scales images (and their boxes) identically,
-and a file that cannot be read becomes a `Quarantined` row instead of an error.
+An adapter is a module with `records(params, salt) -> Iterator[Record | Quarantined | Pending]`: it
+lists files and labels, and defers the pixels to `image_record` (a Pending that `read_image`s
+wherever prepare runs it), so every source fits, crops and scales images (and their boxes)
+identically, and a file that cannot be read becomes a `Quarantined` row instead of an error.
 """
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ import numpy as np
 from pipeline.config import DataParams
 from pipeline.data.decode import Decoded, DecodeError, decode, salted_hash
 from pipeline.data.manifest import patient_split
-from pipeline.data.record import Quarantined, Record
+from pipeline.data.record import Pending, Quarantined, Record
 
 log = logging.getLogger(__name__)
 
@@ -151,16 +152,28 @@ def limited(items: Iterable, p: DataParams) -> Iterator:
         yield item
 
 
-def image_record(root: Path, rel: str, p: DataParams, salt: str, **fields) -> Record | Quarantined:
-    """A Record for `root/rel` with the given fields (labels, ids, split, boxes in original pixels as
-    `boxes_px`), or a Quarantined row when the file cannot be used."""
+def image_record(root: Path, rel: str, p: DataParams, salt: str, *, shown_as: str | None = None,
+                 redact: dict[str, str] | None = None, **fields) -> Pending:
+    """The Record for `root/rel` with the given fields (labels, ids, split, boxes in original pixels as
+    `boxes_px`), read when the Pending is loaded (a Quarantined row when the file cannot be used).
+    `shown_as` replaces `rel` as the source path a user sees; `redact` maps strings (an identifier in
+    a file name) to what a quarantine reason says instead."""
+    return Pending(load_image_record, (Path(root), rel, p, salt, shown_as, dict(redact or {}), fields))
+
+
+def load_image_record(root: Path, rel: str, p: DataParams, salt: str, shown_as: str | None,
+                      redact: dict[str, str], fields: dict) -> Record | Quarantined:
+    fields = dict(fields)
     try:
         image, fit, decoded = read_image(root / rel, p, salt)
     except DecodeError as err:
-        return Quarantined(rel, str(err))
+        reason = str(err)
+        for secret, public in redact.items():
+            reason = reason.replace(secret, public)
+        return Quarantined(shown_as or rel, reason)
     boxes = [(label, *b) for label, *box in fields.pop("boxes_px", []) if (b := fit.box(*box)) is not None]
     view = fields.pop("view", None) or decoded.view or "PA"
-    return Record(image=image, source_path=rel, view=view, boxes=boxes, **fields)
+    return Record(image=image, source_path=shown_as or rel, view=view, boxes=boxes, **fields)
 
 
 # -- folder datasets with official splits (kermany, cardiomegaly, chexpert) ------------------------
@@ -223,10 +236,10 @@ def official_splits(items: list, p: DataParams, official: Callable[[object], str
 
 
 def official_records(items: list, p: DataParams, official: Callable[[object], str],
-                     make: Callable[[object, str], Record | Quarantined], counts: Counter) -> Iterator:
+                     make: Callable[[object, str], Pending], counts: Counter) -> Iterator:
     """`make(item, split)` for each item of `official_splits`, its Quarantined row otherwise;
-    `counts` gets one count per split and per quarantined file."""
+    `counts` gets one count per split and per file left out (files that fail to decode are counted
+    by prepare, which reads them)."""
     for it, split in official_splits(items, p, official):
-        rec = split if isinstance(split, Quarantined) else make(it, split)
-        counts["quarantined" if isinstance(rec, Quarantined) else rec.split] += 1
-        yield rec
+        counts["quarantined" if isinstance(split, Quarantined) else split] += 1
+        yield split if isinstance(split, Quarantined) else make(it, split)

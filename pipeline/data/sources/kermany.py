@@ -114,6 +114,6 @@ def records(params: Params, salt: str = "") -> Iterator[Record | Quarantined]:
                             labels=labels_of(it.cls), meta={"pneumonia_type": it.pneumonia_type}, view=VIEW)
 
     yield from official_records(items, p, official, record, counts)
-    log.info("kermany: %d films of %d patients from %s (train %d, val %d, test %d; %d quarantined; val %s)",
+    log.info("kermany: %d films of %d patients from %s listed (train %d, val %d, test %d; %d left out: patient in two splits; val %s)",
              len(items), len({it.patient for it in items}), root, counts["train"], counts["val"], counts["test"],
              counts["quarantined"], "re-drawn from train" if params.kermany.resplit_val else "official")

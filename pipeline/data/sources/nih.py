@@ -216,22 +216,17 @@ def records(params: Params, salt: str = "") -> Iterator[Record | Quarantined]:
         labels, unk = map_findings(row[col["Finding Labels"]])
         unknown.update(unk)
         view = str(row[col["View Position"]]).strip().upper() or None
-        rec = image_record(root, rel, p, salt, image_id=Path(name).stem, patient_id=patient_of[name],
+        counts["images"] += 1
+        counts[split_of[patient_of[name]]] += 1
+        counts["boxes"] += len(boxes.get(name, []))
+        yield image_record(root, rel, p, salt, image_id=Path(name).stem, patient_id=patient_of[name],
                            split=split_of[patient_of[name]], labels=labels, boxes_px=boxes.get(name, []),
                            meta={"age_years": age_years(row[col["Patient Age"]]),
                                  "sex": sex_of(row[col["Patient Gender"]])},
                            view=view)
-        if isinstance(rec, Quarantined):
-            counts["unreadable"] += 1
-        else:
-            counts["images"] += 1
-            counts[rec.split] += 1
-            counts["boxes"] += len(rec.boxes)
-        yield rec
     if unknown:
         log.warning("nih: unknown finding names ignored: %s", dict(unknown))
-    log.info("nih: %d images of %d patients, train/val/test %d/%d/%d, %d boxes, %d quarantined "
-             "(%d missing, %d unreadable), split %s", counts["images"], len(set(patient_of.values())),
-             counts["train"], counts["val"], counts["test"], counts["boxes"],
-             counts["missing"] + counts["unreadable"], counts["missing"], counts["unreadable"],
+    log.info("nih: %d images of %d patients listed, train/val/test %d/%d/%d, %d boxes, %d missing, split %s",
+             counts["images"], len(set(patient_of.values())), counts["train"], counts["val"], counts["test"],
+             counts["boxes"], counts["missing"],
              "official" if params.nih.official_split and (root / TEST_LIST).is_file() else "drawn by patient")

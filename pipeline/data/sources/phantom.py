@@ -15,7 +15,7 @@ import numpy as np
 from pipeline.config import Params
 from pipeline.data import phantom
 from pipeline.data.manifest import patient_split
-from pipeline.data.record import Record, encode_anatomy
+from pipeline.data.record import Pending, Record, encode_anatomy
 
 log = logging.getLogger(__name__)
 
@@ -27,9 +27,9 @@ def _marker_agrees(rng: np.random.Generator, split: str, p: float) -> bool:
     return (not agree) if split == "test_shifted" else agree
 
 
-def records(params: Params, salt: str = "") -> Iterator[Record]:
-    """Phantom images need no decoding and have no real identifiers (`salt` is unused)."""
-    ph, size, seed = params.phantom, params.data.image_size, params.data.seed
+def records(params: Params, salt: str = "") -> Iterator[Pending]:
+    """One Pending per patient; phantom images need no decoding and have no real identifiers (`salt` is unused)."""
+    ph, seed = params.phantom, params.data.seed
     unknown = set(ph.shortcut_labels) - set(phantom.SHORTCUT_MARKERS)
     if unknown:
         raise ValueError(f"phantom.shortcut_labels: no marker for {sorted(unknown)}; "
@@ -37,20 +37,27 @@ def records(params: Params, salt: str = "") -> Iterator[Record]:
     patients = [f"P{k:05d}" for k in range(ph.n_patients)]
     split_of = patient_split(patients, params.data.split.model_dump(), seed)
     for k, pid in enumerate(patients):
-        rng = np.random.default_rng([seed, k])
-        anatomy = phantom.sample_patient(rng)
-        split = split_of[pid]
-        for j in range(1 + int(rng.integers(ph.max_images_per_patient))):
-            findings = {lab: bool(rng.random() < ph.prevalence.get(lab, 0.0)) for lab in LABELS}
-            markers = {lab: (findings[lab] if _marker_agrees(rng, split, ph.shortcut_p) else not findings[lab])
-                       if lab in ph.shortcut_labels else False
-                       for lab in phantom.SHORTCUT_MARKERS}
-            img = phantom.render(rng, size, anatomy, findings, markers, opacity_contrast=ph.opacity_contrast)
-            yield Record(
-                image=img.image, image_id=f"{pid}_{j}", patient_id=pid, split=split,
-                source_path=f"phantom://{seed}/{pid}/{j}", view="PA",
-                labels={lab: float(v) for lab, v in findings.items()},
-                boxes=list(img.boxes), anatomy=encode_anatomy(img.lungs, img.heart),
-                meta={"age_years": anatomy.age_years, "sex": anatomy.sex, "ctr": round(img.ctr, 4),
-                      **{f"marker_{lab}": int(v) for lab, v in img.markers.items()}},
-            )
+        yield Pending(patient_records, (params, k, pid, split_of[pid]))
+
+
+def patient_records(params: Params, k: int, pid: str, split: str) -> list[Record]:
+    """Every film of phantom patient `k`, from its own RNG stream (so patients render anywhere, in any order)."""
+    ph, size, seed = params.phantom, params.data.image_size, params.data.seed
+    rng = np.random.default_rng([seed, k])
+    anatomy = phantom.sample_patient(rng)
+    out = []
+    for j in range(1 + int(rng.integers(ph.max_images_per_patient))):
+        findings = {lab: bool(rng.random() < ph.prevalence.get(lab, 0.0)) for lab in LABELS}
+        markers = {lab: (findings[lab] if _marker_agrees(rng, split, ph.shortcut_p) else not findings[lab])
+                   if lab in ph.shortcut_labels else False
+                   for lab in phantom.SHORTCUT_MARKERS}
+        img = phantom.render(rng, size, anatomy, findings, markers, opacity_contrast=ph.opacity_contrast)
+        out.append(Record(
+            image=img.image, image_id=f"{pid}_{j}", patient_id=pid, split=split,
+            source_path=f"phantom://{seed}/{pid}/{j}", view="PA",
+            labels={lab: float(v) for lab, v in findings.items()},
+            boxes=list(img.boxes), anatomy=encode_anatomy(img.lungs, img.heart),
+            meta={"age_years": anatomy.age_years, "sex": anatomy.sex, "ctr": round(img.ctr, 4),
+                  **{f"marker_{lab}": int(v) for lab, v in img.markers.items()}},
+        ))
+    return out

@@ -147,22 +147,15 @@ def records(params: Params, salt: str) -> Iterator[Record | Quarantined]:
         age = age_years(hdr.get("PatientAge")) if hdr.get("PatientAge") else st.age
         sex = sex_of(hdr.get("PatientSex")) or st.sex
         view = (hdr.get("ViewPosition") or "").upper() or st.view
-        with quiet_pydicom():
-            rec = image_record(root, f"{IMAGE_DIR}/{pid}.dcm", p, salt, image_id=image_id,
-                               patient_id=patient_id, split=split_of[patient_key[pid]], labels=labels,
-                               boxes_px=[(lab, *b) for b in st.boxes for lab in BOX_LABELS],
-                               meta={"age_years": age, "sex": sex}, view=view)
-        if isinstance(rec, Quarantined):
-            counts["quarantined"] += 1
-            yield Quarantined(opaque, rec.reason.replace(pid, image_id))
-            continue
-        rec.source_path = opaque
         counts["images"] += 1
         counts["positive"] += st.target
-        counts[rec.split] += 1
-        yield rec
+        counts[split_of[patient_key[pid]]] += 1
+        yield image_record(root, f"{IMAGE_DIR}/{pid}.dcm", p, salt, shown_as=opaque, redact={pid: image_id},
+                           image_id=image_id, patient_id=patient_id, split=split_of[patient_key[pid]],
+                           labels=labels, boxes_px=[(lab, *b) for b in st.boxes for lab in BOX_LABELS],
+                           meta={"age_years": age, "sex": sex}, view=view)
     if counts["conflict"]:
         log.warning("rsna: %d images have class Normal but Target 1; No Finding set to 0", counts["conflict"])
-    log.info("rsna: %d images (%d positive), train/val/test %d/%d/%d, %d quarantined, No Finding %s",
+    log.info("rsna: %d images listed (%d positive), train/val/test %d/%d/%d, No Finding %s",
              counts["images"], counts["positive"], counts["train"], counts["val"], counts["test"],
-             counts["quarantined"], "from the class file" if has_classes else "unknown (no class file)")
+             "from the class file" if has_classes else "unknown (no class file)")
