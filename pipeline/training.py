@@ -38,6 +38,8 @@ from pipeline.models.freeze import freeze_norms
 log = logging.getLogger(__name__)
 
 RESUME_FILE = "state.safetensors"
+# one row of the training history, in this order (the columns of reports/train/cK/history.csv)
+HISTORY_KEYS = ("epoch", "train_loss", "val_loss", "val_score", "lr")
 
 
 @dataclass(frozen=True)
@@ -177,7 +179,10 @@ def _train(model: nn.Module, spec: TrainSpec, labels: list[str], train: Rows, se
             gen.set_state(tensors["rng.shuffle"])
             torch.set_rng_state(tensors.get(f"rng.torch.{rank}", tensors["rng.torch"]) if rank
                                 else tensors["rng.torch"])
-            history, start_epoch = meta["history"], meta["epoch"] + 1
+            # the resume file's JSON metadata has sorted keys: rows get their order back, so a resumed
+            # run's history (and history.csv) is byte-identical to an uninterrupted run's
+            history = [{k: row[k] for k in HISTORY_KEYS} for row in meta["history"]]
+            start_epoch = meta["epoch"] + 1
             best = {"score": meta["best_score"], "epoch": meta["best_epoch"],
                     "state": {k[5:]: v for k, v in tensors.items() if k.startswith("best.")}}
             if main:
@@ -217,8 +222,7 @@ def _train(model: nn.Module, spec: TrainSpec, labels: list[str], train: Rows, se
             total, n = map(sum, zip(*distributed.all_gather_object((total, n))))
         probs = predict(infer, select.store, select.idx, spec.batch_size * 2)
         score, val_loss = distributed.broadcast_object(_val_score(select.targets, probs, labels))
-        row = {"epoch": epoch, "train_loss": total / max(n, 1), "val_loss": val_loss, "val_score": score,
-               "lr": sched.get_last_lr()[0]}
+        row = dict(zip(HISTORY_KEYS, (epoch, total / max(n, 1), val_loss, score, sched.get_last_lr()[0])))
         history.append(row)
         if main:
             log.info("epoch %d/%d train_loss %.4f val_loss %.4f val_auroc %.4f", epoch + 1, spec.epochs,
