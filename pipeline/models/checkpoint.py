@@ -4,6 +4,11 @@ Metadata (arch, its builder options `model_kwargs`, labels, image size, normalis
 data hash, thresholds, trainable share...) travels inside the safetensors header, so a checkpoint is
 self-describing and `load_model` rebuilds the same head; `<name>.json` beside it is a
 human-readable copy. Both are written atomically.
+
+The header also holds a SHA-256 of the metadata and every tensor (name, dtype, shape, bytes), checked
+on every load: a flipped bit anywhere in the file, a truncated file or edited metadata is a
+`CheckpointError` naming the file, never a silently different model. (Files written before the
+checksum existed load without the check.)
 """
 from __future__ import annotations
 
@@ -21,40 +26,74 @@ from pipeline.io import atomic_path, write_json
 from pipeline.models.registry import create_model
 
 META_KEY = "cxr_meta"
+DIGEST_KEY = "cxr_sha256"      # of the metadata and the tensors (tensors_sha256), in the header
 MODEL_FILE = "model.safetensors"
 
 
-class CheckpointError(RuntimeError):
-    pass
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used (missing, truncated, tampered, or for another model); the
+    message names the file. A ValueError, so a stage reports it in one line (stages/common.py)."""
+
+
+def tensors_sha256(tensors: dict[str, torch.Tensor], meta_json: str = "") -> str:
+    """SHA-256 of a metadata string and tensors (sorted by name; each name, dtype, shape and bytes)."""
+    h = hashlib.sha256(meta_json.encode())
+    for name in sorted(tensors):
+        t = tensors[name].detach().to("cpu").contiguous()
+        h.update(f"\0{name}\0{t.dtype}\0{tuple(t.shape)}\0".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy())
+    return h.hexdigest()
 
 
 def save_tensors(path: str | Path, tensors: dict[str, torch.Tensor], meta: dict) -> None:
-    """Atomically write tensors + JSON metadata as one safetensors file."""
+    """Atomically write tensors + JSON metadata (+ their checksum) as one safetensors file."""
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+    meta_json = json.dumps(meta, sort_keys=True)
     with atomic_path(path) as tmp:
-        save_file(tensors, str(tmp), metadata={META_KEY: json.dumps(meta, sort_keys=True)})
+        save_file(tensors, str(tmp), metadata={META_KEY: meta_json, DIGEST_KEY: tensors_sha256(tensors, meta_json)})
 
 
-def read_meta(path: str | Path) -> dict:
-    path = Path(path)
+def _header(path: Path) -> dict[str, str]:
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist")
     try:
         with safe_open(str(path), framework="pt") as fh:
-            raw = (fh.metadata() or {}).get(META_KEY)
+            return dict(fh.metadata() or {})
     except (SafetensorError, OSError, ValueError) as err:
         raise CheckpointError(f"checkpoint {path} is corrupt or truncated: {err}") from None
+
+
+def read_meta(path: str | Path) -> dict:
+    path = Path(path)
+    return _parse_meta(path, _header(path).get(META_KEY))
+
+
+def _parse_meta(path: Path, raw: str | None) -> dict:
     if raw is None:
         raise CheckpointError(f"checkpoint {path} has no {META_KEY} metadata")
-    return json.loads(raw)
+    try:
+        meta = json.loads(raw)
+    except ValueError:
+        raise CheckpointError(f"checkpoint {path} has corrupt metadata ({META_KEY} is not JSON)") from None
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"checkpoint {path} has corrupt metadata ({META_KEY} is not a JSON object)")
+    return meta
 
 
 def load_tensors(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
-    meta = read_meta(path)
+    """(tensors, metadata) of a checkpoint, its checksum verified; never unpickles."""
+    path = Path(path)
+    header = _header(path)
+    meta = _parse_meta(path, header.get(META_KEY))
     try:
-        return load_file(str(path)), meta
+        tensors = load_file(str(path))
     except (SafetensorError, OSError, ValueError) as err:
         raise CheckpointError(f"checkpoint {path} is corrupt or truncated: {err}") from None
+    digest = header.get(DIGEST_KEY)
+    if digest is not None and tensors_sha256(tensors, header[META_KEY]) != digest:
+        raise CheckpointError(f"checkpoint {path} is corrupt or tampered: its contents do not match "
+                              "the checksum in its header")
+    return tensors, meta
 
 
 def save_model(directory: str | Path, model: nn.Module, meta: dict) -> Path:
@@ -73,13 +112,33 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[nn
     if path.is_dir():
         path = path / MODEL_FILE
     state, meta = load_tensors(path)
-    model = create_model(meta["arch"], num_classes=len(meta["labels"]), image_size=meta.get("image_size"),
-                         **meta.get("model_kwargs", {}))
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    if missing or unexpected:
-        raise CheckpointError(f"checkpoint {path} does not match {meta['arch']}: "
-                              f"missing {missing[:5]}, unexpected {unexpected[:5]}")
+    arch, labels, kwargs = meta.get("arch"), meta.get("labels"), meta.get("model_kwargs") or {}
+    if not isinstance(arch, str) or not arch:
+        raise CheckpointError(f"checkpoint {path} names no architecture (metadata 'arch')")
+    if not isinstance(labels, list) or not labels or not all(isinstance(lab, str) for lab in labels):
+        raise CheckpointError(f"checkpoint {path} has no label list (metadata 'labels')")
+    if not isinstance(kwargs, dict):
+        raise CheckpointError(f"checkpoint {path} has malformed metadata 'model_kwargs'")
+    try:
+        model = create_model(arch, num_classes=len(labels), image_size=meta.get("image_size"), **kwargs)
+    except (ValueError, TypeError) as err:
+        raise CheckpointError(f"checkpoint {path} cannot be rebuilt: {err}") from None
+    load_state(model, state, path, arch)
     return model.to(device).eval(), meta
+
+
+def load_state(module: nn.Module, state: dict[str, torch.Tensor], path: str | Path, what: str) -> None:
+    """Load `state` into `module` exactly (the same keys, the same shapes), else a CheckpointError
+    naming the file and a few of the differences."""
+    own = module.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    reshaped = [f"{k} {tuple(state[k].shape)} != {tuple(own[k].shape)}" for k in state
+                if k in own and tuple(state[k].shape) != tuple(own[k].shape)]
+    if missing or unexpected or reshaped:
+        raise CheckpointError(f"checkpoint {path} does not match {what}: missing {missing[:5]}, "
+                              f"unexpected {unexpected[:5]}, wrong shape {reshaped[:5]}")
+    module.load_state_dict(state)
 
 
 def file_sha256(path: str | Path) -> str:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import inspect
 import logging
-import pickle
 import typing
 from dataclasses import dataclass
 from pathlib import Path
@@ -127,14 +126,18 @@ def read_state_dict(path: str | Path) -> StateDict:
     if not path.is_file():
         raise FileNotFoundError(f"weights file {path} does not exist")
     if path.suffix == ".safetensors":
+        from safetensors import SafetensorError
         from safetensors.torch import load_file
-        state = load_file(str(path))
+        try:
+            state = load_file(str(path))
+        except (SafetensorError, OSError, ValueError) as err:
+            raise ValueError(f"weights {path} are not a readable safetensors file ({_first_line(err)})") from None
     else:
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
-        except (pickle.UnpicklingError, RuntimeError, EOFError) as err:
-            raise ValueError(f"weights {path.name} are not a plain state dict (torch.load with "
-                             f"weights_only=True failed: {str(err).splitlines()[0]})") from None
+        except Exception as err:  # noqa: BLE001 - whatever the file holds, it is not a plain state dict
+            raise ValueError(f"weights {path} are not a plain state dict (torch.load with "
+                             f"weights_only=True refused them: {_load_failure(err)})") from None
         if isinstance(state, dict):
             for wrapper in ("state_dict", "model_state_dict", "model"):
                 if isinstance(state.get(wrapper), dict):
@@ -143,6 +146,21 @@ def read_state_dict(path: str | Path) -> StateDict:
     if not isinstance(state, dict) or not any(isinstance(v, torch.Tensor) for v in state.values()):
         raise ValueError(f"weights {path.name} hold no state dict")
     return {k.removeprefix("module."): v for k, v in state.items() if isinstance(v, torch.Tensor)}
+
+
+def _first_line(err: BaseException) -> str:
+    lines = str(err).strip().splitlines()
+    return lines[0] if lines else type(err).__name__
+
+
+def _load_failure(err: BaseException) -> str:
+    """Why torch.load(weights_only=True) failed, without torch's advice to load the file unsafely."""
+    text = str(err).strip()
+    if text.startswith("Weights only load failed"):
+        lines = [line.strip() for line in text.splitlines()[1:]
+                 if line.strip() and not line.strip().startswith(("Please file", "Check the documentation"))]
+        return "the file holds objects other than tensors" + (f" ({lines[0]})" if lines else "")
+    return _first_line(err)
 
 
 def load_weights(model: nn.Module, path: str | Path, spec: ModelSpec) -> None:
