@@ -23,6 +23,7 @@ from pipeline.data.store import ArrayStoreWriter
 from benchmarks.timing import median_ms
 from pipeline.io import read_json, write_json
 from pipeline.models.registry import create_model
+from benchmarks.scale import bench_cam_memory, bench_cam_workers, bench_dvc_noop
 from benchmarks.viewer import bench_viewer
 
 log = logging.getLogger("benchmarks")
@@ -106,7 +107,8 @@ def bench_train(arch: str = "tinyvgg", size: int = 128, batch: int = 64) -> dict
     return {arch: {"train_images_per_s": round(batch / ms * 1000, 1), "image_size": size}}
 
 
-BENCHES = {"cam": bench_cam, "cam_dataset": bench_cam_dataset, "train": bench_train, "viewer": bench_viewer}
+BENCHES = {"cam": bench_cam, "cam_dataset": bench_cam_dataset, "train": bench_train, "viewer": bench_viewer,
+           "cam_memory": bench_cam_memory, "cam_workers": bench_cam_workers, "dvc_noop": bench_dvc_noop}
 
 
 def main() -> None:
