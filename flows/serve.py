@@ -26,6 +26,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--params", default="params.yaml", help="params file, relative to --root")
     parser.add_argument("--limit", type=int, default=1,
                         help="concurrent runs; 1 because runs share one DVC workspace")
+    parser.add_argument("--dask-address", default=None,
+                        help="a Dask scheduler (tcp://host:8786) for the stages' shard tasks")
     return parser.parse_args(argv)
 
 
@@ -34,7 +36,8 @@ def build_deployment(args: argparse.Namespace) -> RunnerDeployment:
     root is made absolute so a run does not depend on the directory its process happens to start in."""
     return refine.to_deployment(
         name=args.name, cron=args.cron, tags=["cxr-refine"],
-        parameters={"root": str(Path(args.root).resolve()), "params_file": args.params},
+        parameters={"root": str(Path(args.root).resolve()), "params_file": args.params,
+                    "dask_address": args.dask_address},
         description="Refinement cycle via dvc repro (flows/refine.py)")
 
 

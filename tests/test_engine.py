@@ -104,3 +104,14 @@ def test_every_parallel_stage_is_bit_identical_on_dask(tmp_path, cluster):
     assert {k for k in reference if got[k] != reference[k]} == set()
     cams = ArrayStore(dask / "data" / "cams" / "c1")
     assert cams.dtype == np.float16 and cams.item_shape[0] == 4
+
+
+def test_the_flow_shares_one_cluster_across_its_stages(monkeypatch):
+    monkeypatch.delenv("CXR_ENGINE", raising=False)
+    monkeypatch.delenv("CXR_DASK_ADDRESS", raising=False)
+    with shared_cluster(EngineParams(kind="local"), None) as address:
+        assert address is None  # in-process: no cluster, stages run their tasks themselves
+    with shared_cluster(EngineParams(kind="dask", address="tcp://params:8786"), "tcp://cli:8786") as address:
+        assert address == "tcp://cli:8786"  # --dask-address wins over engine.address; nothing started
+    with shared_cluster(EngineParams(kind="dask", address="tcp://params:8786"), None) as address:
+        assert address == "tcp://params:8786"

@@ -96,8 +96,10 @@ def test_serve_builds_a_scheduled_deployment_without_serving():
 
     from flows.serve import build_deployment, parse_args
 
-    args = parse_args(["--cron", "0 2 * * *", "--name", "nightly", "--params", "params.yaml"])
+    args = parse_args(["--cron", "0 2 * * *", "--name", "nightly", "--params", "params.yaml",
+                       "--dask-address", "tcp://scheduler:8786"])
     dep = build_deployment(args)
+    assert dep.parameters["dask_address"] == "tcp://scheduler:8786"  # the stages' shard tasks go there
     assert isinstance(dep, RunnerDeployment)
     assert dep.name == "nightly" and dep.flow_name == "cxr-refine"
     assert dep.entrypoint.endswith("flows/refine.py:refine")
