@@ -43,14 +43,6 @@ def _targets(masks: np.ndarray, size: int) -> torch.Tensor:
     return F.interpolate(t, size=(size, size), mode="area") if t.shape[-1] != size else t
 
 
-def dice_iou(pred: np.ndarray, truth: np.ndarray) -> tuple[float, float]:
-    """Dice and IoU of two bool arrays over all their pixels."""
-    inter = float(np.logical_and(pred, truth).sum())
-    total = float(pred.sum() + truth.sum())
-    union = float(np.logical_or(pred, truth).sum())
-    return (2 * inter / total if total else 1.0), (inter / union if union else 1.0)
-
-
 UNKNOWN = -1.0  # target value of a structure an image's mask dataset does not draw (smp's ignore_index)
 
 
@@ -118,18 +110,44 @@ def predict_store(engine: Engine, unet_path, images: ArrayStore, out_dir, shard_
                        attrs={"bits": {"lungs": LUNGS_BIT, "heart": HEART_BIT}})
 
 
-def evaluate_masks(pred: np.ndarray, truth: np.ndarray, known: np.ndarray) -> dict:
-    """Dice and IoU per structure over the held-out images that annotate it (None where none does)."""
-    out = {}
-    for k, (name, bit) in enumerate((("lungs", LUNGS_BIT), ("heart", HEART_BIT))):
+STRUCTURE_BITS = (("lungs", LUNGS_BIT), ("heart", HEART_BIT))
+
+
+def mask_counts(pred: np.ndarray, truth: np.ndarray, known: np.ndarray) -> np.ndarray:
+    """Per structure: (intersection, |pred| + |truth|, union, images annotating it): sums, so a
+    whole store can be scored a batch at a time."""
+    out = np.zeros((len(STRUCTURE_BITS), 4))
+    for k, (_, bit) in enumerate(STRUCTURE_BITS):
         sel = np.asarray(known)[:, k]
-        if not sel.any():
+        p, t = (pred[sel] & bit) > 0, (truth[sel] & bit) > 0
+        out[k] = (np.logical_and(p, t).sum(), p.sum() + t.sum(), np.logical_or(p, t).sum(), sel.sum())
+    return out
+
+
+def scores_from_counts(counts: np.ndarray, n_images: int) -> dict:
+    """Dice and IoU per structure over the images that annotate it (None where none does)."""
+    out = {}
+    for (name, _), (inter, total, union, n) in zip(STRUCTURE_BITS, counts):
+        if not n:
             out[name] = {"dice": None, "iou": None, "n_images": 0}
             continue
-        d, i = dice_iou((pred[sel] & bit) > 0, (truth[sel] & bit) > 0)
-        out[name] = {"dice": round(d, 4), "iou": round(i, 4), "n_images": int(sel.sum())}
-    out["n_images"] = int(len(pred))
+        dice, iou = (2 * inter / total if total else 1.0), (inter / union if union else 1.0)
+        out[name] = {"dice": round(float(dice), 4), "iou": round(float(iou), 4), "n_images": int(n)}
+    out["n_images"] = int(n_images)
     return out
+
+
+def evaluate_masks(pred: np.ndarray, truth: np.ndarray, known: np.ndarray) -> dict:
+    """Dice and IoU per structure (pooled over pixels) of in-memory masks."""
+    return scores_from_counts(mask_counts(pred, truth, known), len(pred))
+
+
+def evaluate_stores(pred: ArrayStore, truth: ArrayStore, rows: np.ndarray, batch_size: int = 512) -> dict:
+    """`evaluate_masks` over `rows` of two stores, a batch at a time (memory independent of len(rows))."""
+    counts = np.zeros((len(STRUCTURE_BITS), 4))
+    for idx, p in pred.iter_batches(batch_size, rows):
+        counts += mask_counts(p, truth.read(idx), np.ones((len(idx), 2), bool))
+    return scores_from_counts(counts, len(rows))
 
 
 def save_unet(path, net: torch.nn.Module, p: SegmentParams) -> None:
@@ -145,8 +163,8 @@ def load_unet(path) -> tuple[torch.nn.Module, dict]:
         raise CheckpointError(f"checkpoint {path} is not a U-Net checkpoint (metadata arch, encoder, size)")
     try:
         net = build_unet(encoder)
-    except (KeyError, ValueError, TypeError) as err:
-        raise CheckpointError(f"checkpoint {path}: no U-Net with encoder {encoder!r} ({err})") from None
+    except (KeyError, ValueError, TypeError):
+        raise CheckpointError(f"checkpoint {path} names an unknown U-Net encoder {encoder[:64]!r}") from None
     load_state(net, state, path, f"smp.Unet({encoder})")
     return net.eval(), meta
 

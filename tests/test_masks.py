@@ -6,7 +6,8 @@ import pytest
 from pipeline.config import DataParams, Params, SegmentParams
 from pipeline.data.masks import jsrt, montgomery, shenzhen
 from pipeline.data.record import HEART_BIT, LUNGS_BIT, Quarantined
-from pipeline.segmentation import evaluate_masks, mask_sets, partial_targets, UNKNOWN
+from pipeline.data.store import ArrayStoreWriter
+from pipeline.segmentation import evaluate_masks, evaluate_stores, mask_sets, partial_targets, UNKNOWN
 from tests.fixtures.masks import build_jsrt, build_montgomery, build_shenzhen
 
 P = DataParams(image_size=64)
@@ -78,3 +79,17 @@ def test_mask_sets_default_to_phantom(sources):
     params = Params(data=P, segment=SegmentParams(n_train=20))
     train, held, _ = mask_sets(params)
     assert len(train.images) == 20 and set(train.sources) == {"phantom"} and train.known.all() and len(held.images) > 0
+
+
+def test_scoring_a_mask_store_batch_by_batch_equals_scoring_it_at_once(tmp_path):
+    rng = np.random.default_rng(0)
+    pred, truth = (rng.integers(0, 4, size=(50, 16, 16)).astype(np.uint8) for _ in range(2))
+    stores = []
+    for name, arr in (("pred", pred), ("truth", truth)):
+        w = ArrayStoreWriter(tmp_path / name, (16, 16), np.uint8, shard_size=8)
+        w.append(arr)
+        stores.append(w.close())
+    rows = np.array([3, 17, 4, 40, 41, 9, 33])
+    whole = evaluate_masks(pred[rows], truth[rows], np.ones((len(rows), 2), bool))
+    assert evaluate_stores(*stores, rows, batch_size=3) == whole
+    assert 0 < whole["lungs"]["dice"] < 1 and whole["n_images"] == 7

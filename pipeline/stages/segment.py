@@ -12,8 +12,8 @@ from pipeline.data.manifest import rows
 from pipeline.data.store import ArrayStore
 from pipeline.engine import open_engine
 from pipeline.io import write_json
-from pipeline.segmentation import (evaluate_masks, mask_sets, predict_masks, predict_store, save_unet,
-                                   train_unet)
+from pipeline.segmentation import (evaluate_masks, evaluate_stores, mask_sets, predict_masks, predict_store,
+                                   save_unet, train_unet)
 from pipeline.stages.common import stage_main
 
 log = logging.getLogger(__name__)
@@ -41,7 +41,7 @@ def run(params, paths, args) -> None:
         pred = predict_store(engine, unet_path.resolve(), images, paths.masks, params.data.shard_size)
     if has_truth:  # the data's own ground truth, on images the U-Net never saw
         val = rows(manifest, "val")
-        scores["val"] = evaluate_masks(pred.read(val), truth.read(val), np.ones((len(val), 2), bool))
+        scores["val"] = evaluate_stores(pred, truth, val)
     else:
         scores["val"] = scores["held_out"]
     log.info("U-Net scores: %s", scores["val"])
