@@ -156,11 +156,14 @@ def _first_line(err: BaseException) -> str:
 def _load_failure(err: BaseException) -> str:
     """Why torch.load(weights_only=True) failed, without torch's advice to load the file unsafely."""
     text = str(err).strip()
-    if text.startswith("Weights only load failed"):
-        lines = [line.strip() for line in text.splitlines()[1:]
-                 if line.strip() and not line.strip().startswith(("Please file", "Check the documentation"))]
-        return "the file holds objects other than tensors" + (f" ({lines[0]})" if lines else "")
-    return _first_line(err)
+    if not text.startswith("Weights only load failed"):
+        return _first_line(err)
+    rest = text.split("WeightsUnpickler error:", 1)[1] if "WeightsUnpickler error:" in text else \
+        "\n".join(text.splitlines()[1:])
+    lines = [line.strip() for line in rest.splitlines() if line.strip() and "weights_only" not in line
+             and not line.strip().startswith(("Check the documentation", "Please file"))]
+    why = lines[0].split(". ")[0].rstrip(".")[:200] if lines else ""
+    return "the file holds objects other than tensors" + (f" ({why})" if why else "")
 
 
 def load_weights(model: nn.Module, path: str | Path, spec: ModelSpec) -> None:

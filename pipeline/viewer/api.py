@@ -21,7 +21,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.formparsers import MultiPartException, MultiPartParser
 from starlette.concurrency import run_in_threadpool
 
-from pipeline.viewer.auth import Users
+from pipeline.viewer.auth import LoginThrottle, Users
 from pipeline.viewer.card import NOTICE
 from pipeline.viewer.engine import SHORTCUT_SHARE, Analysis, Engine, ImageError, NoModel, anatomy_of_label
 from pipeline.viewer.render import b64png, heatmap_gray
@@ -52,8 +52,8 @@ def install_error_handlers(app: FastAPI) -> None:
         return error_response(422, f"invalid request: {where} {first.get('msg', '')}".strip())
 
 
-def basic_user(users: Users, request: Request) -> str | None:
-    """The user named by a valid HTTP Basic header, else None."""
+def basic_credentials(request: Request) -> tuple[str, str] | None:
+    """(name, password) of an HTTP Basic header, else None (absent or malformed)."""
     header = request.headers.get("authorization", "")
     scheme, _, token = header.partition(" ")
     if scheme.lower() != "basic" or not token:
@@ -62,7 +62,7 @@ def basic_user(users: Users, request: Request) -> str | None:
         name, sep, password = base64.b64decode(token.strip(), validate=True).decode("utf-8").partition(":")
     except (binascii.Error, UnicodeDecodeError, ValueError):
         return None
-    return name if sep and users.check(name, password) else None
+    return (name, password) if sep else None
 
 
 class _InMemoryParser(MultiPartParser):
@@ -148,14 +148,22 @@ def model_summary(engine: Engine) -> dict:
             "baseline_cycle": engine.baseline.cycle if engine.baseline is not None else None}
 
 
-def router(engine: Engine, users: Users, max_bytes: int, card_fn) -> APIRouter:
+def router(engine: Engine, users: Users, max_bytes: int, card_fn, throttle: LoginThrottle | None = None) -> APIRouter:
     r = APIRouter(prefix="/api/v1")
+    throttle = throttle or LoginThrottle.from_env()
 
     def require_user(request: Request) -> str:
-        user = basic_user(users, request)
-        if user is None:
+        if "authorization" not in request.headers:
             raise ApiError(401, "authentication required (HTTP Basic)", {"WWW-Authenticate": REALM})
-        return user
+        creds = basic_credentials(request)
+        client, name = request.client.host if request.client else None, creds[0] if creds else None
+        wait = throttle.retry_after(client, name)
+        if wait is not None:
+            raise ApiError(429, f"too many failed logins: try again in {wait} s", {"Retry-After": str(wait)})
+        if creds is None or not users.check(*creds):
+            throttle.failed(client, name)
+            raise ApiError(401, "authentication required (HTTP Basic)", {"WWW-Authenticate": REALM})
+        return creds[0]
 
     def loaded() -> None:
         try:

@@ -6,7 +6,9 @@ Settings (environment): CXR_USERS="name:pw,..." (demo) and/or a users file (CXR_
 default .cxr/users.json; `python -m pipeline.viewer.auth add NAME`), CXR_MAX_UPLOAD_MB (20),
 CXR_MAX_PIXELS (params' data.max_pixels), CXR_QUEUE_SIZE (32). Gradio runs with analytics off, no
 share link, no `allowed_paths` (the workspace is blocked outright), uploads capped by
-`max_file_size`, and its temp dir in a private folder outside the workspace.
+`max_file_size`, and its temp dir in a private folder outside the workspace. Every route but the
+login page's and the health check needs a login (pipeline/viewer/gate.py); failed logins are
+throttled (CXR_AUTH_MAX_FAILURES, CXR_AUTH_MAX_FAILURES_PER_IP, CXR_AUTH_WINDOW_S; see auth.py).
 """
 from __future__ import annotations
 
@@ -19,6 +21,7 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 DEFAULT_HOST, DEFAULT_PORT = "127.0.0.1", 7860
+AUTH_MESSAGE = "Chest X-ray viewer — research tool, not a medical device."
 
 
 def _private_temp_dir() -> str:
@@ -41,14 +44,16 @@ def create_app(root: str | os.PathLike = ".", users=None, *, max_upload_mb: floa
     temp_dir = _private_temp_dir()
 
     import gradio as gr
-    from fastapi import FastAPI
+    from fastapi import FastAPI, HTTPException
     from fastapi.responses import JSONResponse
     from starlette.exceptions import HTTPException as StarletteHTTPException
+    from starlette.routing import Mount
 
     from pipeline.viewer.api import install_error_handlers, router
-    from pipeline.viewer.auth import Users
+    from pipeline.viewer.auth import LoginThrottle, Users
     from pipeline.viewer.card import model_card
     from pipeline.viewer.engine import Engine, NoModel
+    from pipeline.viewer.gate import Gate, client_address
     from pipeline.viewer.ui import CSS, build_ui
 
     root = Path(root).resolve()
@@ -59,6 +64,7 @@ def create_app(root: str | os.PathLike = ".", users=None, *, max_upload_mb: floa
                          "`python -m pipeline.viewer.auth add NAME`")
     max_mb = float(max_upload_mb or os.environ.get("CXR_MAX_UPLOAD_MB") or 20)
     max_bytes = int(max_mb * 1024 * 1024)
+    throttle = LoginThrottle.from_env()
     engine = Engine(root)
     try:
         engine.load()   # once, at start; a model trained later is picked up on the next request
@@ -82,17 +88,32 @@ def create_app(root: str | os.PathLike = ".", users=None, *, max_upload_mb: floa
         log.error("internal error: %s", type(exc).__name__)
         return JSONResponse({"error": "internal error"}, status_code=500)
 
-    app.include_router(router(engine, users, max_bytes, card))
+    app.include_router(router(engine, users, max_bytes, card, throttle))
+
+    def gradio_login(name: str, password: str) -> bool:
+        """The Gradio login form's check, throttled like the REST API's (429 while locked out)."""
+        client = client_address()
+        wait = throttle.retry_after(client, name)
+        if wait is not None:
+            raise HTTPException(429, detail=f"too many failed logins: try again in {wait} s",
+                                headers={"Retry-After": str(wait)})
+        if users.check(name, password):
+            return True
+        throttle.failed(client, name)
+        return False
+
     demo = build_ui(engine, card)
     demo.queue(default_concurrency_limit=1, max_size=int(queue_size or os.environ.get("CXR_QUEUE_SIZE") or 32))
     app = gr.mount_gradio_app(
-        app, demo, path="/", auth=users.check, auth_message="Chest X-ray viewer — research tool, not a medical device.",
+        app, demo, path="/", auth=gradio_login, auth_message=AUTH_MESSAGE,
         allowed_paths=None, blocked_paths=[str(root)], max_file_size=max_bytes, show_error=False,
         ssr_mode=False, footer_links=[], run_history=False,
         app_kwargs={"docs_url": None, "redoc_url": None, "openapi_url": None}, theme=gr.themes.Default(), css=CSS,
         server_name=os.environ.get("CXR_HOST", DEFAULT_HOST),
         server_port=int(os.environ.get("CXR_PORT", DEFAULT_PORT)))
-    app.state.engine, app.state.temp_dir = engine, temp_dir
+    gradio_app = next(r.app for r in app.routes if isinstance(r, Mount) and hasattr(r.app, "tokens"))
+    app.add_middleware(Gate, gradio_app=gradio_app, auth_message=AUTH_MESSAGE)
+    app.state.engine, app.state.temp_dir, app.state.throttle = engine, temp_dir, throttle
     return app
 
 

@@ -7,6 +7,12 @@ random salt per user, and add users with
     python -m pipeline.viewer.auth add NAME          # asks for the password twice
 
 Both sources may be used at once. Passwords are compared in constant time.
+
+Failed logins are throttled (`LoginThrottle`, shared by the REST API and the Gradio login): after
+$CXR_AUTH_MAX_FAILURES (5) failures for one user name, or $CXR_AUTH_MAX_FAILURES_PER_IP (20) from one
+client address, within $CXR_AUTH_WINDOW_S (300) seconds, every further attempt from that client or
+for that name, right or wrong, is refused (HTTP 429 with Retry-After) until the oldest of those
+failures is older than the window. Refused attempts are not counted, so a lock-out ends on its own.
 """
 from __future__ import annotations
 
@@ -19,6 +25,9 @@ import json
 import os
 import secrets
 import sys
+import threading
+import time
+from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -28,6 +37,8 @@ USERS_ENV = "CXR_USERS"
 USERS_FILE_ENV = "CXR_USERS_FILE"
 DEFAULT_USERS_FILE = Path(".cxr") / "users.json"
 _SCRYPT = {"n": 2 ** 14, "r": 8, "p": 1}
+MAX_FAILURES_ENV, MAX_FAILURES_PER_IP_ENV, WINDOW_ENV = ("CXR_AUTH_MAX_FAILURES", "CXR_AUTH_MAX_FAILURES_PER_IP",
+                                                         "CXR_AUTH_WINDOW_S")
 
 
 def hash_password(password: str, salt: bytes | None = None) -> str:
@@ -94,6 +105,81 @@ class Users:
             if ok and len(self._verified) < 1024:
                 self._verified.add(token)
         return ok
+
+
+class LoginThrottle:
+    """Failed logins in a sliding window, per user name and per client address.
+
+    `retry_after(client, name)` is None when an attempt may go ahead, else the whole seconds until it
+    may; `failed(client, name)` records a wrong password (name None: a malformed credential).
+    Thread-safe; memory is bounded (expired entries are dropped, at most `max_keys` kept).
+    """
+
+    def __init__(self, max_failures: int = 5, window_s: float = 300.0, max_failures_per_ip: int | None = None,
+                 clock=time.monotonic, max_keys: int = 10_000):
+        if max_failures < 1 or window_s <= 0:
+            raise ValueError("the login throttle needs max_failures >= 1 and window_s > 0")
+        self.max_failures, self.window_s = int(max_failures), float(window_s)
+        self.max_failures_per_ip = int(max_failures_per_ip or 4 * max_failures)
+        self.clock, self.max_keys = clock, max_keys
+        self._failures: dict[tuple[str, str], deque] = {}
+        self._lock = threading.Lock()
+
+    @classmethod
+    def from_env(cls) -> "LoginThrottle":
+        def number(name: str, default: float) -> float:
+            raw = os.environ.get(name, "").strip()
+            try:
+                value = float(raw) if raw else default
+            except ValueError:
+                raise ValueError(f"{name} must be a number, got {raw!r}") from None
+            if value <= 0:
+                raise ValueError(f"{name} must be positive, got {raw!r}")
+            return value
+
+        per_user = int(number(MAX_FAILURES_ENV, 5))
+        return cls(per_user, number(WINDOW_ENV, 300.0), int(number(MAX_FAILURES_PER_IP_ENV, 4 * per_user)))
+
+    def _keys(self, client: str | None, name: str | None) -> list[tuple[tuple[str, str], int]]:
+        keys = [(("ip", (client or "unknown")[:64]), self.max_failures_per_ip)]
+        if name:  # hashed: a name of any length costs the same few bytes
+            keys.append((("user", hashlib.sha256(name.encode("utf-8", "replace")).hexdigest()[:32]), self.max_failures))
+        return keys
+
+    def _recent(self, key: tuple[str, str], now: float) -> deque | None:
+        times = self._failures.get(key)
+        while times and now - times[0] >= self.window_s:
+            times.popleft()
+        if times is not None and not times:
+            del self._failures[key]
+            return None
+        return times
+
+    def retry_after(self, client: str | None, name: str | None) -> int | None:
+        now = self.clock()
+        wait = 0.0
+        with self._lock:
+            for key, limit in self._keys(client, name):
+                times = self._recent(key, now)
+                if times is not None and len(times) >= limit:
+                    # the attempt may go ahead once the failures in the window are fewer than the limit
+                    wait = max(wait, times[len(times) - limit] + self.window_s - now)
+        return max(1, int(wait + 0.999)) if wait > 0 else None
+
+    def failed(self, client: str | None, name: str | None) -> None:
+        now = self.clock()
+        keys = self._keys(client, name)
+        with self._lock:
+            if len(self._failures) + len(keys) > self.max_keys:
+                for key in list(self._failures):
+                    self._recent(key, now)
+                while self._failures and len(self._failures) + len(keys) > self.max_keys:
+                    del self._failures[next(iter(self._failures))]  # still full: forget the oldest entries
+            for key, limit in keys:
+                times = self._failures.setdefault(key, deque())
+                times.append(now)
+                while len(times) > limit:  # only the last `limit` failures matter
+                    times.popleft()
 
 
 def read_users_file(path: str | os.PathLike) -> dict[str, str]:
