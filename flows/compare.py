@@ -36,8 +36,11 @@ def _dvc(args: list[str], root: str, check: bool = True) -> subprocess.Completed
 def run_policy(policy: str, root: str) -> str:
     name = EXP_PREFIX + policy
     _dvc(["exp", "remove", name], root, check=False)  # a rerun replaces the previous experiment
-    get_run_logger().info("$ dvc exp run --temp -n %s -S enhance.policy=%s", name, policy)
-    _dvc(["exp", "run", "--temp", "-n", name, "-S", f"enhance.policy={policy}"], root)
+    # the comparison reads the cycles' metrics: no label-permutation twin (cycle 0's, which no policy
+    # changes) is trained in each experiment's temporary copy
+    args = ["-S", f"enhance.policy={policy}", "-S", "sanity.label_permutation=false"]
+    get_run_logger().info("$ dvc exp run --temp -n %s %s", name, " ".join(args))
+    _dvc(["exp", "run", "--temp", "-n", name, *args], root)
     return name
 
 

@@ -1,8 +1,8 @@
 """Prefect flow: launch the refinement cycle stage by stage through `dvc repro`, watch it, stop early.
 
 Thin by design: every stage is `dvc repro <stage>` (so `dvc repro` alone reproduces the same
-artefacts); the flow adds retries, per-cycle metric logs and the stop rule of
-pipeline.cycle_control. Runs with no server (ephemeral) or against `prefect server start`
+artefacts); the flow adds retries, per-cycle metric logs, the stop rule of
+pipeline.cycle_control, and one Dask cluster shared by every stage's shard tasks. Runs with no server (ephemeral) or against `prefect server start`
 (set PREFECT_API_URL).
 """
 from __future__ import annotations
@@ -11,20 +11,25 @@ import argparse
 import os
 import subprocess
 import sys
+from contextlib import contextmanager
+from functools import partial
 from pathlib import Path
+from typing import Iterator
 
 from prefect import flow, get_run_logger, task
 
-from pipeline.config import ConfigError, Paths, load_params
+from pipeline.config import ConfigError, EngineParams, Paths, load_params
+from pipeline.engine import ADDRESS_ENV, local_cluster, resolve
 from pipeline.cycle_control import decide
 from pipeline.io import read_json
 from pipeline.report import TABLE_KEYS, format_table
 
 
-def _run(cmd: list[str], root: Path) -> None:
+def _run(cmd: list[str], root: Path, dask_address: str | None = None) -> None:
     logger = get_run_logger()
     logger.info("$ %s", " ".join(cmd))
-    proc = subprocess.run(cmd, cwd=root, capture_output=True, text=True, env={**os.environ, "DVC_NO_ANALYTICS": "1"})
+    env = {**os.environ, "DVC_NO_ANALYTICS": "1", **({ADDRESS_ENV: dask_address} if dask_address else {})}
+    proc = subprocess.run(cmd, cwd=root, capture_output=True, text=True, env=env)
     tail = "\n".join((proc.stdout + proc.stderr).strip().splitlines()[-15:])
     if proc.returncode:
         raise RuntimeError(f"{' '.join(cmd)} failed (exit {proc.returncode}):\n{tail}")
@@ -32,9 +37,10 @@ def _run(cmd: list[str], root: Path) -> None:
 
 
 @task(name="dvc-repro", task_run_name="repro {stage}")
-def repro(stage: str, root: str) -> None:
-    """One stage (and anything stale upstream of it); cached stages cost nothing."""
-    _run([sys.executable, "-m", "dvc", "repro", stage], Path(root))
+def repro(stage: str, root: str, dask_address: str | None = None) -> None:
+    """One stage (and anything stale upstream of it); cached stages cost nothing. Its shard tasks
+    run on the Dask cluster at `dask_address` when one is given."""
+    _run([sys.executable, "-m", "dvc", "repro", stage], Path(root), dask_address)
 
 
 @task(name="report-early-stop")
@@ -45,13 +51,54 @@ def report_early(root: str, reason: str, last_cycle: int) -> None:
           "--last-cycle", str(last_cycle)], Path(root))
 
 
-@flow(name="cxr-refine", log_prints=False)
-def refine(root: str = ".", params_file: str = "params.yaml") -> dict:
-    """Run cycle 0 and every configured cycle; returns reports/summary.json."""
+@task(name="sanity-early-stop")
+def sanity_early(root: str, last_cycle: int) -> None:
+    """The saliency sanity checks over the cycles that ran (dvc's lock for `sanity` left untouched)."""
+    _run([sys.executable, "-m", "pipeline.stages.sanity", "--last-cycle", str(last_cycle)], Path(root))
+
+
+def _log_sanity(paths: Paths) -> None:
     logger = get_run_logger()
+    result = read_json(paths.sanity)
+    for check in ("cascading_randomization", "label_permutation"):
+        c = result[check]
+        rho = c.get("final_rank_corr", c.get("rank_corr"))
+        if c["passed"] is False:
+            logger.warning("saliency sanity check failed: %s", c["reason"])
+        else:
+            logger.info("saliency sanity, %s at cycle %s: %s", check, c["cycle"],
+                        c.get("reason") if rho is None else f"rank corr {rho:.3f} (< {result['max']}: pass)")
+
+
+@contextmanager
+def shared_cluster(p: EngineParams, address: str | None) -> Iterator[str | None]:
+    """The Dask scheduler every stage of this run sends its shard tasks to: `address` (a real
+    cluster), else one LocalCluster started here for the whole run (not one per stage); None when
+    the engine is in-process."""
+    p = resolve(p)
+    if p.kind == "local":
+        yield None
+    elif address or p.address:
+        yield address or p.address
+    else:
+        with local_cluster(p) as cluster:
+            yield cluster.scheduler_address
+
+
+@flow(name="cxr-refine", log_prints=False)
+def refine(root: str = ".", params_file: str = "params.yaml", dask_address: str | None = None) -> dict:
+    """Run cycle 0 and every configured cycle; returns reports/summary.json."""
     params = load_params(Path(root) / params_file)  # bad params fail here, before any work
+    with shared_cluster(params.engine, dask_address) as address:
+        return _cycles(root, params, address)
+
+
+def _cycles(root: str, params, address: str | None) -> dict:
+    logger = get_run_logger()
+    if address:
+        logger.info("shard tasks run on the Dask cluster at %s", address)
     paths = Paths(root)
-    step = repro.with_options(retries=params.flow.retries, retry_delay_seconds=2)
+    step = partial(repro.with_options(retries=params.flow.retries, retry_delay_seconds=2), dask_address=address)
     for stage in ("prepare", "segment", "train_baseline", "evaluate_baseline"):
         step(stage, root)
     history = [read_json(paths.cycle_metrics(0))]
@@ -68,8 +115,12 @@ def refine(root: str = ".", params_file: str = "params.yaml") -> dict:
             logger.warning("stopping early: %s", stopped)
             break
     if stopped:
+        sanity_early(root, history[-1]["cycle"])
+        _log_sanity(paths)
         report_early(root, stopped, history[-1]["cycle"])
     else:
+        step("sanity", root)
+        _log_sanity(paths)
         step("report", root)
     result = read_json(paths.summary)
     logger.info("per-cycle results:\n%s\nstop: %s", format_table(result["cycles"]), result["stop_reason"])
@@ -80,12 +131,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m flows.refine")
     parser.add_argument("--root", default=".")
     parser.add_argument("--params", default="params.yaml")
+    parser.add_argument("--dask-address", default=None,
+                        help="a running Dask scheduler (tcp://host:8786) for the shard tasks; default engine.address "
+                             "from params, else a LocalCluster for this run")
     args = parser.parse_args()
     try:  # a wrong param is one line on stderr, before the flow (or its temporary server) starts
         load_params(Path(args.root) / args.params)
     except ConfigError as err:
         sys.exit(f"error: {err}")
-    refine(root=args.root, params_file=args.params)
+    refine(root=args.root, params_file=args.params, dask_address=args.dask_address)
 
 
 if __name__ == "__main__":

@@ -246,6 +246,14 @@ class EvaluateParams(_Section):
     pointing_tolerance_px: int = Field(2, ge=0)
 
 
+class SanityParams(_Section):
+    """The saliency sanity stage (pipeline/sanity_checks.py) after the last evaluated cycle."""
+    label_permutation: bool = True                # train the permuted-label twin (Adebayo's data randomisation)
+    epochs: int | None = Field(None, ge=1)        # the twin's epochs; None = train.epochs (cycle 0's)
+    n_images: int | None = Field(None, ge=1)      # test images compared; None = evaluate.n_sanity_images
+    seed: int = 0                                 # which permutation of the training labels
+
+
 class ReportParams(_Section):
     grid_images: int = Field(8, ge=1, le=100)
 
@@ -255,6 +263,16 @@ class FlowParams(_Section):
     patience: int = Field(2, ge=1)               # stop after this many cycles without gain
     auroc_tolerance: float = Field(0.05, ge=0)   # stop when clean AUROC drops more than this
     retries: int = Field(1, ge=0)
+
+
+class EngineParams(_Section):
+    """Where the shard-parallel stages (prepare, segmentation predict, CAM, enhance) run. Not a DVC
+    param of any stage: outputs are the same bit for bit on every engine, so changing it re-runs nothing."""
+    kind: Literal["dask", "local"] = "dask"      # dask: tasks on a Dask cluster; local: in this process
+    address: str | None = None                   # a running scheduler (tcp://host:8786); None = a LocalCluster
+    workers: int | None = Field(None, ge=1)      # LocalCluster worker processes; None = the CPU count
+    threads_per_worker: int = Field(1, ge=1)     # torch threads in each worker
+    in_flight: int | None = Field(None, ge=1)    # shard results held at once; None = 2 per worker
 
 
 class CycleItem(_Section):
@@ -273,8 +291,10 @@ class Params(_Section):
     cam: CamParams = CamParams()
     enhance: EnhanceParams = EnhanceParams()
     evaluate: EvaluateParams = EvaluateParams()
+    sanity: SanityParams = SanityParams()
     report: ReportParams = ReportParams()
     flow: FlowParams = FlowParams()
+    engine: EngineParams = EngineParams()
     cycles: dict[str, CycleItem] = {"c1": CycleItem(id=1, prev=0)}
 
     @field_validator("cycles")
@@ -394,6 +414,16 @@ class Paths:
 
     def resume_dir(self, cycle: int) -> Path:
         return self.root / "models" / ".resume" / f"c{cycle}"
+
+    # saliency sanity checks (after the last evaluated cycle)
+    @property
+    def sanity(self) -> Path:
+        return self.root / "reports" / "sanity.json"
+
+    @property
+    def sanity_resume(self) -> Path:
+        """The permuted-label twin's training state, kept: a rerun with the same twin skips its training."""
+        return self.root / "models" / ".resume" / "sanity"
 
     # report
     @property

@@ -67,6 +67,64 @@ def _sanity_cell(c: dict) -> str:
     return "pass" if v < SANITY_MAX else "<b style='color:#b00'>FAIL</b>"
 
 
+def sanity_lines(sanity: dict | None) -> list[str]:
+    """One line per saliency sanity check of reports/sanity.json (printed by `make run`, shown in the report)."""
+    if not sanity:
+        return ["saliency sanity checks: not run (reports/sanity.json missing)"]
+    out = []
+    for key, name, fig in (("cascading_randomization", "cascading randomisation", "final_rank_corr"),
+                           ("label_permutation", "label permutation", "rank_corr")):
+        c = sanity.get(key) or {}
+        rho = c.get(fig)
+        verdict = {True: "pass", False: "FAIL", None: "not run"}[c.get("passed")]
+        detail = "" if rho is None else f"rank corr {rho:.3f} (pass below {sanity['max']}), "
+        extra = (f", twin trained {c['epochs']} epochs on permuted labels: val loss {c['twin_val_loss']:.3f} "
+                 f"(label rates alone {c['prevalence_val_loss']:.3f})"
+                 if key == "label_permutation" and c.get("twin_val_loss") is not None
+                 and c.get("prevalence_val_loss") is not None else "")
+        reason = f" — {c['reason']}" if c.get("reason") else ""
+        out.append(f"saliency sanity, {name} (cycle {c.get('cycle')}): {detail}{verdict}{extra}{reason}")
+    return out
+
+
+def _html_sanity(sanity: dict | None, serve: int) -> str:
+    esc = html.escape
+    if not sanity:
+        return ("<h2>Saliency sanity checks</h2><p>Not run: <code>reports/sanity.json</code> is missing "
+                "(the <code>sanity</code> stage).</p>")
+    rows = []
+    for key, name, fig in (("cascading_randomization", "cascading model-parameter randomisation", "final_rank_corr"),
+                           ("label_permutation", "label permutation (data randomisation)", "rank_corr")):
+        c = sanity.get(key) or {}
+        rho = c.get(fig)
+        verdict = {True: "pass", False: "<b style='color:#b00'>FAIL</b>", None: "not run"}[c.get("passed")]
+        by_cycle = ", ".join(f"{k}: {'—' if v is None else f'{v:.3f}'}" for k, v in (c.get("by_cycle") or {}).items())
+        rows.append(f"<tr><td style='text-align:left'>{esc(name)}</td><td>{'—' if rho is None else f'{rho:.3f}'}"
+                    f"</td><td>{verdict}</td><td style='text-align:left'>{esc(by_cycle)}</td>"
+                    f"<td style='text-align:left'>{esc(c.get('reason') or '')}</td></tr>")
+    lp = sanity.get("label_permutation") or {}
+    twin = ""
+    if lp.get("twin_val_loss") is not None and lp.get("prevalence_val_loss") is not None:
+        learned = lp["twin_val_loss"] < lp["prevalence_val_loss"] - 0.005
+        twin = (f" The permuted-label twin (cycle 0's architecture, init and images; {lp['epochs']} epochs, "
+                f"permutation seed {lp['seed']}) scores a loss of {lp['twin_val_loss']:.3f} on the true val labels, "
+                f"against {lp['prevalence_val_loss']:.3f} for predicting each label's rate"
+                + (": <b>lower</b>, so the permutation did not destroy every cue." if learned else
+                   ": the permutation left nothing to learn.")
+                + (f" Its val AUROC {lp['twin_val_auroc']:.3f} (the untrained network's: "
+                   f"{lp['untrained_val_auroc']:.3f}) reflects image statistics, not labels."
+                   if lp.get("twin_val_auroc") is not None and lp.get("untrained_val_auroc") is not None else ""))
+    stale = (f" <b style='color:#b00'>These checks were run for cycle {sanity['served_cycle']}, not the served "
+             f"cycle {serve}: re-run the sanity stage.</b>" if sanity.get("served_cycle") != serve else "")
+    return (f"<h2>Saliency sanity checks</h2><p>Adebayo et al.: heatmaps that explain the model must change when "
+            f"what it learned is destroyed. Rank correlation of the served model's heatmaps (cycle "
+            f"{sanity.get('served_cycle')}, {sanity.get('n_images')} test images, {esc(str(sanity.get('cam_method')))}) "
+            f"with those of a fully randomised copy and of a twin trained on permuted labels; each check passes "
+            f"below {sanity['max']}.{twin}{stale}</p>"
+            "<table><tr><th>check</th><th>rank corr</th><th>verdict</th><th>every cycle</th><th>reason</th></tr>"
+            + "".join(rows) + "</table>")
+
+
 def _html_table(cycles: list[dict]) -> str:
     head = "".join(f"<th>{html.escape(k)}</th>" for k in ("cycle", *TABLE_KEYS, "sanity check"))
     body = "".join("<tr>" + f"<td>{c['cycle']}</td>" + "".join(
@@ -133,6 +191,10 @@ def build_report(params: Params, paths: Paths, stop_reason: str | None = None,
                      if (p := paths.root / "reports" / "enhance" / f"c{c['cycle']}" / "stats.json").is_file()}
     result["segmentation"] = seg_scores
     result["quarantined"] = len(pd.read_csv(paths.quarantine)) if paths.quarantine.is_file() else 0
+    result["sanity"] = read_json(paths.sanity) if paths.sanity.is_file() else None
+    if result["sanity"] and result["sanity"].get("served_cycle") != decision.serve_cycle:
+        log.warning("reports/sanity.json checked cycle %s, the served cycle is %d: re-run the sanity stage",
+                    result["sanity"].get("served_cycle"), decision.serve_cycle)
     write_json(paths.summary, result)
     trends = pd.DataFrame([headline(c) for c in cycles])[["cycle", *TABLE_KEYS, "auroc_shifted"]]
     write_text(paths.root / "reports" / "trends.csv", trends.to_csv(index=False))
@@ -163,6 +225,7 @@ def _html(params: Params, result: dict, cycles: list[dict], pictures, seg, enhan
         "the label's anatomy (lungs, or heart for cardiomegaly); <i>sanity_rank_corr</i>: rank correlation "
         f"with a randomised model's heatmaps; the check passes below {SANITY_MAX} (Adebayo et al.).</p>",
         _html_table(cycles),
+        _html_sanity(result.get("sanity"), serve),
     ]
     if seg:
         fmt = lambda v: "—" if v is None else f"{v:.3f}"  # noqa: E731
@@ -223,6 +286,7 @@ def main() -> None:
     result = read_json(path)
     sys.stdout.write(f"dataset: {result['dataset']}  labels: {', '.join(result['labels'])}\n")
     sys.stdout.write(format_table(result["cycles"]) + f"\nstop: {result['stop_reason']}\n")
+    sys.stdout.write("\n".join(sanity_lines(result.get("sanity"))) + "\n")
 
 
 if __name__ == "__main__":

@@ -34,6 +34,7 @@ from pipeline.metrics.classification import choose_thresholds, classification_me
 from pipeline.io import remove_stale_temps
 from pipeline.models.checkpoint import load_tensors, save_tensors
 from pipeline.models.freeze import freeze_norms
+from pipeline.models.registry import create_model
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +65,22 @@ class TrainSpec:
         blob = json.dumps({**self.__dict__, "augment": self.augment.model_dump(), **extra},
                           sort_keys=True, default=str)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def baseline_model(tp, n_labels: int, image_size: int) -> nn.Module:
+    """Cycle 0's starting point, the same weights every time: the registry's model built under `tp.seed`.
+
+    `tp` is the `train` section of params (pipeline.config.TrainParams). The caller's RNG is left as it
+    was. The train stage and the label-permutation sanity check's twin both start here.
+    """
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(tp.seed)
+        return create_model(tp.arch, n_labels, weights=tp.weights, image_size=image_size, **tp.model_kwargs)
+
+
+def baseline_spec(tp, epochs: int | None = None) -> TrainSpec:
+    """Cycle 0's training schedule (optionally with another number of epochs)."""
+    return TrainSpec(epochs or tp.epochs, tp.lr, tp.weight_decay, tp.batch_size, tp.seed, tp.augment)
 
 
 def masked_bce(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -99,17 +116,19 @@ def _opt_from_tensors(tensors: dict[str, torch.Tensor], groups: list) -> dict:
 
 
 def train_classifier(model: nn.Module, spec: TrainSpec, labels: list[str], train: Rows, select: Rows,
-                     resume_dir: Path, fingerprint_extra: dict | None = None, calibrate: Rows | None = None) -> dict:
+                     resume_dir: Path, fingerprint_extra: dict | None = None, calibrate: Rows | None = None,
+                     keep_last: bool = False) -> dict:
     """Train in place and load the weights that score best on `select` into `model`.
 
     Operating thresholds are chosen on `calibrate` (default: `select`), the images the model will
-    meet. Returns {"history": [...per epoch...], "best_epoch", "best_score", "thresholds"}.
+    meet. `keep_last`: keep the last epoch's weights instead (`select` is still scored every epoch).
+    Returns {"history": [...per epoch...], "best_epoch", "best_score", "thresholds"}.
     """
     # dropout draws from torch's global generator: seed it from the spec inside a fork, so a run is
     # reproducible whatever ran before in the process, and the caller's RNG state is left as it was
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(spec.seed + distributed.rank())  # dropout differs between ranks, reproducibly
-        return _train(model, spec, labels, train, select, resume_dir, fingerprint_extra, calibrate)
+        return _train(model, spec, labels, train, select, resume_dir, fingerprint_extra, calibrate, keep_last)
 
 
 class _OnDevice(nn.Module):
@@ -139,7 +158,7 @@ def _shard_batches(store: ArrayStore, indices: np.ndarray, targets: np.ndarray, 
 
 
 def _train(model: nn.Module, spec: TrainSpec, labels: list[str], train: Rows, select: Rows, resume_dir: Path,
-           fingerprint_extra: dict | None, calibrate: Rows | None) -> dict:
+           fingerprint_extra: dict | None, calibrate: Rows | None, keep_last: bool = False) -> dict:
     train_store, train_idx, train_targets = train.store, train.idx, train.targets
     calibrate = calibrate or select
     trainable = [name for name, p in model.named_parameters() if p.requires_grad]
@@ -151,7 +170,8 @@ def _train(model: nn.Module, spec: TrainSpec, labels: list[str], train: Rows, se
     rank, world, main = distributed.rank(), distributed.world_size(), distributed.is_main()
     # another world size shards the data differently: its resume state does not continue this run
     sharding = {"world_size": world} if world > 1 else {}
-    fingerprint = spec.fingerprint({**(fingerprint_extra or {}), "trainable": frozen_key, **sharding})
+    fingerprint = spec.fingerprint({**(fingerprint_extra or {}), "trainable": frozen_key, **sharding,
+                                    **({"keep_last": True} if keep_last else {})})
     device = distributed.device()
     if device.type != "cpu":
         model.to(device)
@@ -227,7 +247,7 @@ def _train(model: nn.Module, spec: TrainSpec, labels: list[str], train: Rows, se
         if main:
             log.info("epoch %d/%d train_loss %.4f val_loss %.4f val_auroc %.4f", epoch + 1, spec.epochs,
                      row["train_loss"], val_loss, score)
-        if score > best["score"]:
+        if score > best["score"] or keep_last:
             best = {"score": score, "epoch": epoch,
                     "state": {k: v.detach().clone() for k, v in model.state_dict().items()}}
         torch_rngs = distributed.all_gather_object(torch.get_rng_state())  # dropout state of every rank

@@ -30,6 +30,7 @@ def tiny_params() -> dict:
     p["train"].update(epochs=2, finetune_epochs=1, batch_size=32)
     p["evaluate"].update(n_cam_images=24, n_sanity_images=4, n_faithfulness_images=4)
     p["report"].update(grid_images=3)
+    p["engine"] = {"kind": "local"}  # a LocalCluster per stage costs ~4 s; tests/test_engine.py runs Dask
     p["cycles"] = {"c1": {"id": 1, "prev": 0}, "c2": {"id": 2, "prev": 1}}
     return p
 

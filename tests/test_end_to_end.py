@@ -52,6 +52,12 @@ def test_outputs_and_summary_schema(repro_project):
         assert meta["cycle"] == k and len(meta["thresholds"]) == 4
         assert (meta["parent"] or {}).get("cycle") == (k - 1 if k else None)
     assert (p / "reports" / "index.html").read_text().count("<img") >= 6
+    sanity = json.loads((p / "reports" / "sanity.json").read_text())
+    assert sanity["served_cycle"] == latest["cycle"] and summary["sanity"] == sanity
+    assert sanity["cascading_randomization"]["final_rank_corr"] == summary["cycles"][latest["cycle"]]["sanity_rank_corr"]
+    lp = sanity["label_permutation"]
+    assert set(lp["by_cycle"]) == {"c0", "c1", "c2"} and lp["epochs"] == 2 and lp["passed"] in (True, False)
+    assert "Saliency sanity checks" in (p / "reports" / "index.html").read_text()
     assert (p / "reports" / "figures" / "before_after.png").stat().st_size > 1000
 
 
@@ -84,7 +90,7 @@ def test_enhance_param_reruns_only_downstream(repro_project):
     proc = dvc(p, "repro")
     ran = {line.split("'")[1] for line in proc.stdout.splitlines() if line.startswith("Running stage")}
     assert ran == {"enhance@c1", "train@c1", "evaluate@c1", "cam@c2", "enhance@c2", "train@c2",
-                   "evaluate@c2", "report"}, proc.stdout
+                   "evaluate@c2", "sanity", "report"}, proc.stdout
 
 
 def test_metrics_show_lists_headline_scores_per_cycle(repro_project):
@@ -159,7 +165,7 @@ def test_flow_against_a_running_prefect_server(repro_project, tmp_path):
         with urllib.request.urlopen(req, timeout=10) as r:
             n_tasks = json.load(r)
         ran = len(json.loads((repro_project / "reports" / "summary.json").read_text())["cycles"]) - 1
-        assert n_tasks == 4 + 4 * ran + 1  # 4 set-up stages, 4 per cycle run, the report
+        assert n_tasks == 4 + 4 * ran + 2  # 4 set-up stages, 4 per cycle run, the sanity checks, the report
     finally:
         os.killpg(server.pid, signal.SIGTERM)
         server.wait(timeout=30)

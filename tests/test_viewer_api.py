@@ -157,6 +157,10 @@ def test_model_card(viewer):
     metrics = json.loads((viewer.root / "reports" / "cycles" / f"c{card['cycle']}" / "metrics.json").read_text())
     assert card["test_metrics"]["auroc_macro"] == metrics["auroc_macro"]
     assert card["sanity_flag"] == (metrics["sanity_rank_corr"] >= 0.2)
+    permutation = json.loads((viewer.root / "reports" / "sanity.json").read_text())["label_permutation"]
+    rho = permutation["by_cycle"][f"c{card['cycle']}"]
+    assert card["label_permutation"]["rank_corr"] == rho
+    assert card["label_permutation_flag"] == (rho is None or rho >= 0.2)
     assert card["dvc_md5"] and card["git_revision"]
     assert "not a medical device" in card["notice"] and "not a lesion outline" in card["notice"]
     assert card["intended_use"] and card["limitations"]

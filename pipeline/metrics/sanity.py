@@ -1,14 +1,22 @@
-"""Model-randomisation sanity check (Adebayo et al., "Sanity checks for saliency maps", 2018).
+"""Saliency sanity checks (Adebayo et al., "Sanity checks for saliency maps", 2018).
 
-A CAM method that explains the model should change when the model's weights are destroyed:
-we re-initialise layers from the head back to the input and track how similar the CAMs stay.
-A final rank correlation near 0 passes; near 1 means the maps mostly reflect the input (edges).
+A CAM method that explains the model should change when what the model learned is destroyed.
+Two ways to destroy it, each scored by the rank correlation of the CAMs with the model's own:
+
+- cascading model-parameter randomisation: re-initialise layers from the head back to the input
+  (`cascading_randomization`);
+- label permutation (the "data randomisation test"): train the same architecture from the same
+  init on the same images with their labels randomly permuted, so nothing but memorisation can be
+  learned (`label_permutation`; the training itself is the caller's callback).
+
+A rank correlation near 0 passes (below SANITY_MAX); near 1 means the maps mostly reflect the input
+(edges, the architecture's prior), not what the model learned from the labels.
 """
 from __future__ import annotations
 
 import copy
 import logging
-from typing import Callable
+from typing import Callable, Mapping
 
 import numpy as np
 import torch
@@ -22,8 +30,8 @@ MAX_STEPS = 12
 SANITY_MAX = 0.2  # a heatmap method passes when the fully randomised model's maps correlate less than this
 
 
-def rank_correlation(a: np.ndarray, b: np.ndarray) -> float:
-    """Mean Spearman rho over paired (..., h, w) maps; constant or non-finite-only maps are skipped."""
+def _rank_correlations(a: np.ndarray, b: np.ndarray) -> list[float]:
+    """Spearman rho of every informative pair of (..., h, w) maps (constant or non-finite-only skipped)."""
     a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
     if a.shape != b.shape:
         raise ValueError(f"map shapes differ: {a.shape} vs {b.shape}")
@@ -37,6 +45,12 @@ def rank_correlation(a: np.ndarray, b: np.ndarray) -> float:
         rho = spearmanr(x, y).statistic
         if np.isfinite(rho):
             rhos.append(float(rho))
+    return rhos
+
+
+def rank_correlation(a: np.ndarray, b: np.ndarray) -> float:
+    """Mean Spearman rho over paired (..., h, w) maps; constant or non-finite-only maps are skipped."""
+    rhos = _rank_correlations(a, b)
     return float(np.mean(rhos)) if rhos else 0.0
 
 
@@ -91,3 +105,51 @@ def cascading_randomization(model: nn.Module, images: torch.Tensor, cam_fn: CamF
     final = steps[-1]["rank_corr"] if steps else rank_correlation(reference, _cams(rand, images, cam_fn))
     log.info("sanity check: rank correlation after full randomisation %.3f over %d steps", final, len(steps))
     return {"steps": steps, "final_rank_corr": float(final)}
+
+
+TrainFn = Callable[[dict[str, np.ndarray]], "tuple[nn.Module, dict]"]
+
+
+def permute_labels(targets: Mapping[str, np.ndarray], seed: int) -> dict[str, np.ndarray]:
+    """Each array's rows (one label vector per image) shuffled among its images, seeded.
+
+    Rows move whole, so each label's prevalence, the labels' co-occurrence and the unknown (NaN)
+    pattern are kept; which image carries which labels is destroyed. Arrays are permuted in key
+    order from one generator, so the result depends on `seed` and the arrays alone.
+    """
+    rng = np.random.default_rng(seed)
+    return {key: np.asarray(targets[key])[rng.permutation(len(targets[key]))] for key in sorted(targets)}
+
+
+def label_permutation(references: Mapping[str, nn.Module], images: torch.Tensor, cam_fn: CamFn,
+                      train_fn: TrainFn, targets: Mapping[str, np.ndarray], seed: int = 0,
+                      max_corr: float = SANITY_MAX) -> dict:
+    """The data randomisation test: CAMs of models trained on true labels vs a twin trained on permuted ones.
+
+    `train_fn(permuted)` trains the twin (same architecture, init recipe and epochs as the
+    references' baseline) on `permute_labels(targets, seed)` and returns `(twin, info)`; this module
+    never sees how. Each reference's CAMs on `images` are rank-correlated with the twin's; a
+    reference passes when the correlation is below `max_corr` and at least one map pair was
+    informative (a twin whose maps are all constant proves nothing). References keep their weights
+    and train/eval flags.
+
+    Returns {"seed", "max", "rank_corr": {name: rho}, "n_maps": {name: informative pairs},
+    "passed": {name: bool}, "twin": info}.
+    """
+    twin, info = train_fn(permute_labels(targets, seed))
+    twin.eval()
+    twin_cams = _cams(twin, images, cam_fn)
+    out: dict = {"seed": seed, "max": max_corr, "rank_corr": {}, "n_maps": {}, "passed": {}, "twin": dict(info)}
+    for name, model in references.items():
+        was_training = model.training
+        model.eval()
+        try:
+            rhos = _rank_correlations(_cams(model, images, cam_fn), twin_cams)
+        finally:
+            model.train(was_training)
+        rho = float(np.mean(rhos)) if rhos else None
+        out["rank_corr"][name], out["n_maps"][name] = rho, len(rhos)
+        out["passed"][name] = rho is not None and rho < max_corr
+        log.info("label permutation: %s vs the permuted-label twin, rank corr %s over %d maps", name,
+                 "n/a" if rho is None else f"{rho:.3f}", len(rhos))
+    return out

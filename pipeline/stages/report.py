@@ -1,7 +1,7 @@
 """DVC stage `report`: summary.json, index.html, figures and models/latest.json; prints the table."""
 import logging
 
-from pipeline.report import build_report, format_table
+from pipeline.report import build_report, format_table, sanity_lines
 from pipeline.stages.common import stage_main
 
 log = logging.getLogger(__name__)
@@ -9,7 +9,8 @@ log = logging.getLogger(__name__)
 
 def run(params, paths, args) -> None:
     result = build_report(params, paths, stop_reason=args.stop_reason, last_cycle=args.last_cycle)
-    log.info("per-cycle results (unmodified test images):\n%s", format_table(result["cycles"]))
+    log.info("per-cycle results (unmodified test images):\n%s\n%s", format_table(result["cycles"]),
+             "\n".join(sanity_lines(result["sanity"])))
 
 
 def _args(parser) -> None:

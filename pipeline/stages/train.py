@@ -16,7 +16,6 @@ import logging
 
 import numpy as np
 import pandas as pd
-import torch
 
 from pipeline import distributed
 from pipeline.data.manifest import label_matrix, resolve_labels, rows
@@ -25,9 +24,8 @@ from pipeline.data.transforms import NORMALISATION
 from pipeline.io import write_text
 from pipeline.models.checkpoint import file_sha256, load_model, save_model
 from pipeline.models.freeze import apply_trainable
-from pipeline.models.registry import create_model
 from pipeline.stages.common import cycle_arg, stage_main
-from pipeline.training import RESUME_FILE, Rows, TrainSpec, train_classifier
+from pipeline.training import RESUME_FILE, Rows, TrainSpec, baseline_model, baseline_spec, train_classifier
 
 log = logging.getLogger(__name__)
 
@@ -52,12 +50,10 @@ def _run(params, paths, args) -> None:
     raw_val = Rows(images, val_rows, y_val)
     select = raw_val
     if k == 0:
-        torch.manual_seed(tp.seed)
-        model = create_model(tp.arch, len(labels), weights=tp.weights, image_size=params.data.image_size,
-                             **tp.model_kwargs)
+        model = baseline_model(tp, len(labels), params.data.image_size)
         arch, model_kwargs = tp.arch, dict(tp.model_kwargs)
         train_store, train_idx, parent = images, train_rows, None
-        spec = TrainSpec(tp.epochs, tp.lr, tp.weight_decay, tp.batch_size, tp.seed, tp.augment)
+        spec = baseline_spec(tp)
     else:
         prev = params.cycles[f"c{k}"].prev
         model, prev_meta = load_model(paths.model(prev))

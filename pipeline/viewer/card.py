@@ -54,6 +54,35 @@ def dvc_output_md5(root: Path, out_path: str) -> str | None:
     return None
 
 
+def label_permutation_entry(root: Path, cycle: int) -> dict | None:
+    """The label-permutation sanity check of `cycle` from reports/sanity.json (None where it was not run).
+
+    `passed` is False when the served model's heatmaps correlate >= SANITY_MAX with those of a twin
+    trained on permuted labels, or when no heatmap pair could be compared.
+    """
+    path = root / "reports" / "sanity.json"
+    if not path.is_file():
+        return None
+    try:
+        lp = read_json(path).get("label_permutation") or {}
+    except (OSError, ValueError, AttributeError):
+        log.warning("reports/sanity.json is unreadable; the label-permutation check is left out of the card")
+        return None
+    if lp.get("skipped") or "by_cycle" not in lp:
+        return None
+    if f"c{cycle}" not in lp["by_cycle"]:
+        return None  # the check ran before this cycle was evaluated
+    rho = lp["by_cycle"][f"c{cycle}"]
+    reason = None
+    if rho is None:
+        reason = f"no informative heatmap pair at cycle {cycle}"
+    elif rho >= SANITY_MAX:
+        reason = f"rank correlation {rho:.3f} >= {SANITY_MAX} at cycle {cycle}"
+    return {"cycle": cycle, "rank_corr": rho, "passed": reason is None, "reason": reason, "max": SANITY_MAX,
+            "epochs": lp.get("epochs"), "seed": lp.get("seed"), "twin_val_auroc": lp.get("twin_val_auroc"),
+            "twin_val_loss": lp.get("twin_val_loss"), "prevalence_val_loss": lp.get("prevalence_val_loss")}
+
+
 def model_card(root: Path, info: dict, meta: dict, sha256: str, baseline_meta: dict | None) -> dict:
     """JSON-ready card for the served model (cycle metrics from reports/cycles/cK/metrics.json)."""
     cycle = int(meta.get("cycle", 0))
@@ -62,6 +91,7 @@ def model_card(root: Path, info: dict, meta: dict, sha256: str, baseline_meta: d
     base_path = root / "reports" / "cycles" / "c0" / "metrics.json"
     base_metrics = read_json(base_path) if base_path.is_file() else None
     sanity = metrics.get("sanity_rank_corr")
+    permutation = label_permutation_entry(root, cycle)
     summary_path = root / "reports" / "summary.json"
     dataset = read_json(summary_path).get("dataset") if summary_path.is_file() else meta.get("source")
     return {
@@ -82,6 +112,8 @@ def model_card(root: Path, info: dict, meta: dict, sha256: str, baseline_meta: d
         "baseline_test_metrics": {k: base_metrics.get(k) for k in METRIC_KEYS} if base_metrics else None,
         "sanity_flag": None if sanity is None else bool(sanity >= SANITY_MAX),
         "sanity_max": SANITY_MAX,
+        "label_permutation": permutation,
+        "label_permutation_flag": None if permutation is None else permutation["passed"] is False,
         "intended_use": INTENDED_USE,
         "limitations": LIMITATIONS,
         "notice": NOTICE,
@@ -100,6 +132,17 @@ def card_markdown(card: dict) -> str:
         sanity = (f"\n\n**⚠ Saliency sanity check failed**: heatmaps of a randomised model still correlate "
                   f"ρ = {card['test_metrics']['sanity_rank_corr']:.2f} (≥ {card['sanity_max']}) with this model's; "
                   "treat the heatmaps with extra caution.")
+    lp = card.get("label_permutation")
+    if lp is not None:
+        sanity += (f"\n\nLabel-permutation sanity check (a twin trained {_fmt(lp['epochs'])} epochs on permuted "
+                   f"labels): heatmap rank correlation {_fmt(lp['rank_corr'])} with this model's, "
+                   f"{'pass' if lp['passed'] else 'FAIL'} (below {lp['max']} passes).")
+    if card.get("label_permutation_flag"):
+        figure = ("no heatmap pair could be compared" if lp["rank_corr"] is None else
+                  f"they still correlate ρ = {lp['rank_corr']:.2f} (≥ {lp['max']}) with this model's")
+        sanity += (f"\n\n**⚠ Label-permutation sanity check failed**: a twin trained on randomly permuted labels "
+                   f"gives heatmaps like this model's — {figure}; the heatmaps may reflect the images and the "
+                   "architecture more than what the model learned from the labels.")
     lims = "\n".join(f"- {x}" for x in card["limitations"])
     return f"""### Model card
 

@@ -1,0 +1,176 @@
+"""Both saliency sanity checks of the served model, after the last evaluated cycle (reports/sanity.json).
+
+Adebayo et al.'s two checks (pipeline/metrics/sanity.py), each passing when the heatmap rank
+correlation falls below SANITY_MAX:
+
+- cascading model-parameter randomisation: already measured by every cycle's evaluation
+  (`sanity_rank_corr` in reports/cycles/cK/scores.json); gathered here;
+- label permutation: a twin of cycle 0 — the same architecture, init (train.seed), schedule, epochs
+  and images — is trained on the training labels permuted among the images and kept as it is after
+  its last epoch (it never sees a true label: the val labels it is scored on are permuted too), then
+  its heatmaps on the sanity test images are compared with every evaluated cycle's. On the true val
+  labels the twin's loss (`twin_val_loss`) is no lower than that of predicting each label's training
+  rate (`prevalence_val_loss`): the permutation left nothing to learn. Its AUROC
+  (`twin_val_auroc`) is reported beside the untrained network's (`untrained_val_auroc`): an
+  untrained network's scores already rank some findings by image statistics alone (on the phantom,
+  cardiomegaly — a bigger, brighter heart — at AUROC 0.10, i.e. 0.90 inverted), in either direction.
+
+The verdict is the served model's: the cycle the stop rule serves (pipeline.cycle_control.decide, as
+the report stage decides it for models/latest.json). Every model's checkpoint must still be the one
+its cycle evaluated (sha256 in scores.json).
+
+The twin's training state is kept in models/.resume/sanity (keyed by everything the twin depends
+on): when only the refinement cycles changed, a rerun compares against the kept twin instead of
+training it again.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+
+import numpy as np
+import pandas as pd
+
+from pipeline.cam.all_labels import AllLabelCAM
+from pipeline.config import Params, Paths
+from pipeline.cycle_control import decide
+from pipeline.data.dataset import iterate_batches, predict
+from pipeline.data.manifest import label_matrix, rows
+from pipeline.data.store import ArrayStore
+from pipeline.metrics.classification import classification_metrics
+from pipeline.metrics.sanity import SANITY_MAX, label_permutation
+from pipeline.models.checkpoint import file_sha256, load_model
+from pipeline.models.freeze import apply_trainable
+from pipeline.report import load_cycles
+from pipeline.training import Rows, baseline_model, baseline_spec, train_classifier
+
+log = logging.getLogger(__name__)
+
+
+def _bce(y: np.ndarray, p: np.ndarray) -> float | None:
+    """Mean binary cross-entropy over known (non-NaN) labels."""
+    known = ~np.isnan(y)
+    if not known.any():
+        return None
+    t, q = y[known], np.clip(np.asarray(p, dtype=np.float64)[known], 1e-6, 1 - 1e-6)
+    return float(-(t * np.log(q) + (1 - t) * np.log(1 - q)).mean())
+
+
+def _f(v: float | None) -> str:
+    return "n/a" if v is None else f"{v:.3f}"
+
+
+def _verdict(rho: float | None, cycle: int, what: str) -> tuple[bool, str | None]:
+    if rho is None:
+        return False, f"{what}: no informative heatmap pair at cycle {cycle}"
+    if rho >= SANITY_MAX:
+        return False, f"{what}: rank correlation {rho:.3f} >= {SANITY_MAX} at cycle {cycle}"
+    return True, None
+
+
+def cascading_summary(cycles: list[dict], serve: int) -> dict:
+    """The served cycle's cascading-randomisation figure (measured by its evaluation), and every cycle's."""
+    by_cycle = {f"c{c['cycle']}": c.get("sanity_rank_corr") for c in cycles}
+    rho = by_cycle[f"c{serve}"]
+    passed, reason = _verdict(rho, serve, "cascading randomisation")
+    served = next(c for c in cycles if c["cycle"] == serve)
+    steps = (served.get("sanity") or {}).get("steps", [])
+    return {"cycle": serve, "final_rank_corr": rho, "passed": passed, "reason": reason, "by_cycle": by_cycle,
+            "steps": len(steps)}
+
+
+def run_sanity_checks(params: Params, paths: Paths, last_cycle: int | None = None) -> dict:
+    """Gather cascading randomisation, run label permutation; the JSON-ready content of reports/sanity.json."""
+    cycles = load_cycles(paths, params.cycle_ids(), last_cycle)
+    if not cycles:
+        raise ValueError("no evaluated cycle found under reports/cycles; run the evaluate stages first")
+    serve = decide(cycles, params.flow).serve_cycle
+    sp = params.sanity
+    n_images = sp.n_images or params.evaluate.n_sanity_images
+    out = {"served_cycle": serve, "max": SANITY_MAX, "cam_method": params.cam.method, "n_images": n_images,
+           "cascading_randomization": cascading_summary(cycles, serve)}
+    if sp.label_permutation:
+        out["label_permutation"] = _label_permutation(params, paths, cycles, serve, n_images)
+    else:
+        out["label_permutation"] = {"cycle": serve, "rank_corr": None, "passed": None, "skipped": True,
+                                    "reason": "not run: sanity.label_permutation is false"}
+    checks = [out["cascading_randomization"]["passed"], out["label_permutation"]["passed"]]
+    out["passed"] = all(p is not False for p in checks)
+    return out
+
+
+def _label_permutation(params: Params, paths: Paths, cycles: list[dict], serve: int, n_images: int) -> dict:
+    sp, tp = params.sanity, params.train
+    labels = cycles[0]["labels"]
+    references, arch = {}, None
+    for c in cycles:
+        k = c["cycle"]
+        weights = paths.model(k) / "model.safetensors"
+        if file_sha256(weights) != c["model"]["sha256"]:
+            raise ValueError(f"models/c{k} is not the checkpoint cycle {k} evaluated; re-run evaluate@c{k}")
+        model, meta = load_model(paths.model(k))
+        if meta["labels"] != labels:
+            raise ValueError(f"cycle {k}: labels {meta['labels']} differ from cycle 0's {labels}")
+        references[f"c{k}"], arch = model, meta["arch"]
+        if k == 0 and (meta["arch"] != tp.arch or meta.get("model_kwargs", {}) != tp.model_kwargs):
+            raise ValueError(f"models/c0 is a {meta['arch']} {meta.get('model_kwargs', {})}, params say "
+                             f"{tp.arch} {tp.model_kwargs}; re-run train_baseline first")
+
+    manifest = pd.read_parquet(paths.manifest)
+    images = ArrayStore(paths.images)
+    y = label_matrix(manifest, labels)
+    train_rows, val_rows = rows(manifest, "train"), rows(manifest, "val")
+    test_idx = rows(manifest, "test")[:n_images]
+    if len(test_idx) == 0:
+        raise ValueError("the manifest has no test images to compare heatmaps on")
+    x = next(iterate_batches(images, test_idx, None, len(test_idx)))[0]
+    spec = baseline_spec(tp, sp.epochs)
+    data_hash = hashlib.sha256((paths.images / "index.json").read_bytes() + paths.manifest.read_bytes()
+                               ).hexdigest()[:16]
+
+    y_val = y[val_rows]
+    prevalence = np.nanmean(y[train_rows], axis=0)  # a model that learned no more than the label rates
+
+    def val_scores(model) -> dict:
+        """AUROC (macro, per label) and loss on the true val labels."""
+        probs = predict(model, images, val_rows)
+        m = classification_metrics(y_val, probs, np.full(len(labels), 0.5), labels)
+        return {"auroc": m["auroc_macro"], "loss": _bce(y_val, probs),
+                "per_label": {lab: m["per_label"][lab]["auroc"] for lab in labels}}
+
+    def train_twin(permuted: dict[str, np.ndarray]):
+        """Cycle 0's recipe on permuted labels (pipeline.training), its last epoch kept; val labels permuted too."""
+        t0 = time.perf_counter()
+        twin = baseline_model(tp, len(labels), params.data.image_size)
+        untrained = val_scores(twin)  # the same network before training: what image statistics alone give
+        apply_trainable(twin, tp.trainable_last_n, tp.trainable_blocks)
+        train_classifier(
+            twin, spec, labels, Rows(images, train_rows, permuted["train"]), Rows(images, val_rows, permuted["val"]),
+            paths.sanity_resume,
+            fingerprint_extra={"twin": "label_permutation", "permutation_seed": sp.seed, "data": data_hash,
+                               "arch": tp.arch, "model_kwargs": tp.model_kwargs, "labels": labels,
+                               "image_size": params.data.image_size,
+                               "weights": file_sha256(tp.weights) if tp.weights else None,
+                               "trainable": [tp.trainable_last_n, tp.trainable_blocks]},
+            keep_last=True)
+        trained = val_scores(twin)
+        base_loss = _bce(y_val, np.broadcast_to(prevalence, y_val.shape))
+        log.info("label-permutation twin: %d epochs in %.1f s; on the true val labels AUROC %s (untrained %s), "
+                 "loss %s (label rates alone %s)", spec.epochs, time.perf_counter() - t0, _f(trained["auroc"]),
+                 _f(untrained["auroc"]), _f(trained["loss"]), _f(base_loss))
+        return twin, {"twin_val_auroc": trained["auroc"], "untrained_val_auroc": untrained["auroc"],
+                      "twin_val_loss": trained["loss"], "prevalence_val_loss": base_loss,
+                      "twin_val_auroc_per_label": trained["per_label"],
+                      "untrained_val_auroc_per_label": untrained["per_label"]}
+
+    def cam_fn(model, batch):
+        return AllLabelCAM(model, arch, params.cam.method)(batch)
+
+    res = label_permutation(references, x, cam_fn, train_twin,
+                            {"train": y[train_rows], "val": y[val_rows]}, seed=sp.seed)
+    rho = res["rank_corr"][f"c{serve}"]
+    passed, reason = _verdict(rho, serve, "label permutation")
+    return {"cycle": serve, "rank_corr": rho, "passed": passed, "reason": reason,
+            "n_maps": res["n_maps"][f"c{serve}"], "by_cycle": res["rank_corr"],
+            "epochs": spec.epochs, "seed": sp.seed, **res["twin"]}
