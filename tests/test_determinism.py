@@ -11,10 +11,16 @@ from __future__ import annotations
 
 import json
 import shutil
+import struct
 import subprocess
+import sys
 import time
 from pathlib import Path
 
+import torch
+from safetensors import safe_open
+
+from pipeline.models.checkpoint import load_tensors, sort_header_metadata
 from tests.pipeline_runs import ENV, assert_same_code, dvc_ok, lock_outs, reference_project
 from tests.reliability import record
 
@@ -77,3 +83,34 @@ def test_same_seed_twice_and_clean_checkout_repro_change_no_output(tmp_path):
     record("determinism", runs=2, stages=len(stages), outputs_compared=sum(map(len, stages.values())),
            files_compared=compared, weights_compared=len(weights), metrics_compared=len(metrics),
            differing=len(differing), clean_checkout_changed=0, seconds=round(time.time() - t0, 1))
+
+
+def _safetensors(meta_items: list[tuple[str, str]]) -> bytes:
+    """A one-tensor safetensors file whose header lists the metadata in the given order."""
+    header = {"__metadata__": dict(meta_items), "w": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}}
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw = raw.ljust(-(-len(raw) // 8) * 8, b" ")
+    return struct.pack("<Q", len(raw)) + raw + torch.arange(4, dtype=torch.float32).numpy().tobytes()
+
+
+def test_checkpoint_metadata_is_written_in_one_order(tmp_path):
+    """safetensors writes its metadata map in a random order per process (safetensors#584): two runs
+    saved identical checkpoints as different bytes, and dvc recorded other hashes (the clean-checkout
+    test above caught it). save_tensors sorts the header's metadata."""
+    path = tmp_path / "unsorted.safetensors"
+    path.write_bytes(_safetensors([("cxr_sha256", "b"), ("cxr_meta", "{}")]))
+    sort_header_metadata(path)
+    assert path.read_bytes() == _safetensors([("cxr_meta", "{}"), ("cxr_sha256", "b")])
+    with safe_open(str(path), framework="pt") as fh:
+        assert fh.metadata() == {"cxr_meta": "{}", "cxr_sha256": "b"}
+        assert torch.equal(fh.get_tensor("w"), torch.arange(4, dtype=torch.float32))
+
+    # and end to end: the same checkpoint saved by separate processes is the same file
+    code = ("import sys, torch; from pipeline.models.checkpoint import save_tensors; "
+            "save_tensors(sys.argv[1], {'w': torch.arange(6.).reshape(2, 3), 'b': torch.ones(2)}, {'arch': 'x'})")
+    files = [tmp_path / f"p{i}.safetensors" for i in range(6)]
+    for f in files:
+        subprocess.run([sys.executable, "-c", code, str(f)], check=True, env=ENV, timeout=120)
+    assert len({f.read_bytes() for f in files}) == 1
+    tensors, meta = load_tensors(files[0])  # the checksum in the rewritten header still verifies
+    assert meta == {"arch": "x"} and torch.equal(tensors["b"], torch.ones(2))

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import struct
 from pathlib import Path
 
 import torch
@@ -46,11 +47,36 @@ def tensors_sha256(tensors: dict[str, torch.Tensor], meta_json: str = "") -> str
 
 
 def save_tensors(path: str | Path, tensors: dict[str, torch.Tensor], meta: dict) -> None:
-    """Atomically write tensors + JSON metadata (+ their checksum) as one safetensors file."""
+    """Atomically write tensors + JSON metadata (+ their checksum) as one safetensors file; the same
+    tensors and metadata give the same bytes in every process."""
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
     meta_json = json.dumps(meta, sort_keys=True)
     with atomic_path(path) as tmp:
         save_file(tensors, str(tmp), metadata={META_KEY: meta_json, DIGEST_KEY: tensors_sha256(tensors, meta_json)})
+        sort_header_metadata(tmp)
+
+
+def sort_header_metadata(path: str | Path) -> None:
+    """Rewrite a safetensors header in place with its `__metadata__` keys sorted.
+
+    safetensors (0.8) writes the metadata map in a random order per process (safetensors#584), so two
+    runs saving identical checkpoints wrote different bytes, and `dvc repro` different hashes. Sorting
+    is what upstream's fix does; only the entries' order changes, so the header keeps its length and
+    the tensors their offsets. A header this code would not re-serialise byte for byte is left as is.
+    """
+    with open(path, "r+b") as fh:
+        (size,) = struct.unpack("<Q", fh.read(8))
+        raw = fh.read(size)
+        header = json.loads(raw)
+        meta = header.get("__metadata__") or {}
+        if list(meta) == sorted(meta):
+            return
+        compact = dict(separators=(",", ":"), ensure_ascii=False)
+        if json.dumps(header, **compact).encode() != raw.rstrip(b" "):
+            return
+        fixed = json.dumps({**header, "__metadata__": dict(sorted(meta.items()))}, **compact).encode()
+        fh.seek(8)
+        fh.write(fixed.ljust(size, b" "))
 
 
 def _header(path: Path) -> dict[str, str]:
