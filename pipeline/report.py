@@ -77,7 +77,7 @@ def sanity_lines(sanity: dict | None) -> list[str]:
         c = sanity.get(key) or {}
         rho = c.get(fig)
         verdict = {True: "pass", False: "FAIL", None: "not run"}[c.get("passed")]
-        detail = "" if rho is None else f"rank corr {rho:.3f} (pass below {sanity['max']}), "
+        detail = "" if rho is None else f"rank corr {rho:.3f} (passes below {sanity['max']}): "
         extra = (f", twin trained {c['epochs']} epochs on permuted labels: val loss {c['twin_val_loss']:.3f} "
                  f"(label rates alone {c['prevalence_val_loss']:.3f})"
                  if key == "label_permutation" and c.get("twin_val_loss") is not None

@@ -146,6 +146,8 @@ def test_missing_evidence_is_not_a_pass(evidence, tmp_path):
     s = r["areas"]["saliency_sanity"]
     assert s["passed"] is None and "not found" in s["reason"] and s["pipeline_run"] is None
     assert r["passed"] is False and "not run: no_phi, saliency_sanity" in r["reason"]
+    only_run = build_report(None, None, sanity)  # the pipeline's figures alone are evidence
+    assert only_run["areas"]["saliency_sanity"]["passed"] is True and only_run["areas"]["fuzzing"]["passed"] is None
     empty = build_report(None, None, None)
     assert empty["passed"] is False and all(v["passed"] is None for v in empty["areas"].values())
 
