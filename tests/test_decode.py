@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFile
 
-from pipeline.data.decode import DEFAULT_MAX_PIXELS, Decoded, DecodeError, decode, quiet_pydicom, salted_hash
+from pipeline.data.decode import DEFAULT_MAX_PIXELS, Decoded, DecodeError, decode, salted_hash
+from pipeline.data.dicom import quiet_pydicom
 from tests.fixtures import bad_files as bf
 from tests.fixtures.images import radiograph, write_dicom, write_png
 

@@ -46,7 +46,8 @@ import pytest
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
-from pipeline.data.decode import DEFAULT_MAX_PIXELS, Decoded, DecodeError, decode, quiet_pydicom
+from pipeline.data.decode import DEFAULT_MAX_PIXELS, Decoded, DecodeError, decode
+from pipeline.data.dicom import quiet_pydicom
 from tests.conftest import ROOT
 from tests.fixtures import bad_files as bf
 from tests.fixtures.images import radiograph
@@ -1341,9 +1342,9 @@ def test_jpeg_lossless_with_bits_stored_unlike_its_precision_still_decodes():
 
 
 def test_bounded_inflation_reads_deflated_files_as_pydicom_does(monkeypatch):
-    """The bounded inflation of a deflated dataset (decode._read_deflated) must not change what a
+    """The bounded inflation of a deflated dataset (dicom._read_deflated) must not change what a
     mutated deflated file decodes to, or whether it is refused, compared with pydicom's own reading."""
-    import pipeline.data.decode as decode_module
+    import pipeline.data.dicom as dicom_module
 
     def outcome(data: bytes):
         try:
@@ -1362,7 +1363,7 @@ def test_bounded_inflation_reads_deflated_files_as_pydicom_does(monkeypatch):
             d = data.draw(st.sampled_from(BYTE_OPS))(data.draw, d)
         ours = outcome(d)
         with monkeypatch.context() as m:
-            m.setattr(decode_module, "_read_deflated", lambda *args: None)  # pydicom inflates, unbounded
+            m.setattr(dicom_module, "_read_deflated", lambda *args: None)  # pydicom inflates, unbounded
             assert outcome(d) == ours
 
     same()

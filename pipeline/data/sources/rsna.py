@@ -36,7 +36,8 @@ from typing import Iterator
 import pandas as pd
 
 from pipeline.config import Params
-from pipeline.data.decode import quiet_pydicom, salted_hash
+from pipeline.data.decode import salted_hash
+from pipeline.data.dicom import quiet_pydicom
 from pipeline.data.record import Quarantined, Record
 from pipeline.data.sources.common import age_years, assign_splits, image_record, limited, pseudonym, sex_of
 
