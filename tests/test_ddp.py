@@ -15,6 +15,7 @@ import torch
 from pipeline.models.checkpoint import load_tensors
 from pipeline.models.registry import create_model
 from pipeline.training import RESUME_FILE
+from tests.fixtures.toy import two_label_store
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -25,7 +26,7 @@ SCRIPT = textwrap.dedent('''
     import numpy as np, torch
     from pipeline import distributed
     from pipeline.config import AugmentParams
-    from pipeline.data.store import ArrayStoreWriter, ArrayStore
+    from pipeline.data.store import ArrayStore
     from pipeline.models.checkpoint import save_tensors
     from pipeline.models.registry import create_model
     from pipeline.training import Rows, TrainSpec, train_classifier
@@ -46,21 +47,6 @@ SCRIPT = textwrap.dedent('''
     print("RESULT " + json.dumps({"rank": distributed.rank(), "world": distributed.world_size(), **res}), flush=True)
     distributed.cleanup()
 ''')
-
-
-def _store(work: Path, n: int = 160, size: int = 32) -> None:
-    from pipeline.data.store import ArrayStoreWriter
-
-    rng = np.random.default_rng(0)
-    y = np.stack([rng.random(n) < 0.5, rng.random(n) < 0.5], 1).astype(np.float32)
-    imgs = rng.integers(0, 60, (n, size, size)).astype(np.uint8)
-    imgs[y[:, 0] == 1, :16] += 45  # label 0: brighter top half
-    imgs[y[:, 1] == 1, :, :16] += 30  # label 1: brighter left half
-    y[::7, 1] = np.nan
-    w = ArrayStoreWriter(work / "imgs", (size, size), np.uint8, shard_size=64)
-    w.append(imgs)
-    w.close()
-    np.save(work / "y.npy", y)
 
 
 def _free_port() -> int:
@@ -85,7 +71,8 @@ def _launch(work: Path, run: str, nproc: int | None) -> list[dict]:
 
 
 def test_two_gloo_ranks_match_one_process(tmp_path):
-    _store(tmp_path)
+    _, y = two_label_store(tmp_path / "imgs", 160, top=45, left=30, shard_size=64)
+    np.save(tmp_path / "y.npy", y)
     (tmp_path / "train_script.py").write_text(SCRIPT)
     single, = _launch(tmp_path, "single", None)
     ranks = _launch(tmp_path, "ddp", 2)

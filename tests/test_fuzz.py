@@ -298,10 +298,18 @@ def png_set_ihdr(d: bytes, field: str, value: int) -> bytes:
     return png_build(chunks)  # CRC recomputed
 
 
+def draw_fields(draw, table: dict[str, tuple], most: int) -> list[tuple[str, object]]:
+    """1..most (field, value) changes from a table of field: (..., values to try), values last."""
+    changes = []
+    for _ in range(draw(st.integers(1, most))):
+        field = draw(st.sampled_from(sorted(table)))
+        changes.append((field, draw(st.sampled_from(table[field][-1]))))
+    return changes
+
+
 def png_ihdr(draw, d: bytes, name: str) -> bytes:
-    for _ in range(draw(st.integers(1, 2))):
-        field = draw(st.sampled_from(sorted(PNG_IHDR)))
-        d = png_set_ihdr(d, field, draw(st.sampled_from(PNG_IHDR[field][1])))
+    for field, value in draw_fields(draw, PNG_IHDR, 2):
+        d = png_set_ihdr(d, field, value)
     return d
 
 
@@ -392,9 +400,8 @@ def jpeg_set_sof(d: bytes, field: str, value: int, at: int | None = None) -> byt
 
 
 def jpeg_sof(draw, d: bytes, name: str) -> bytes:
-    for _ in range(draw(st.integers(1, 2))):
-        field = draw(st.sampled_from(sorted(JPEG_SOF)))
-        d = jpeg_set_sof(d, field, draw(st.sampled_from(JPEG_SOF[field][2])))
+    for field, value in draw_fields(draw, JPEG_SOF, 2):
+        d = jpeg_set_sof(d, field, value)
     return d
 
 
@@ -531,8 +538,7 @@ def dicom_set(data: bytes, keyword: str, value) -> bytes:
 
 
 def dicom_tag(draw, d: bytes, name: str) -> bytes:
-    changes = [(k, draw(st.sampled_from(DICOM_TAGS[k][1])))
-               for k in (draw(st.sampled_from(sorted(DICOM_TAGS))) for _ in range(draw(st.integers(1, 3))))]
+    changes = draw_fields(draw, DICOM_TAGS, 3)
 
     def change(data: bytes) -> bytes:
         for keyword, value in changes:

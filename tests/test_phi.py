@@ -14,7 +14,6 @@ decoded, since parquet compresses strings) and its stdout/stderr.
 from __future__ import annotations
 
 import base64
-import csv
 import io
 import json
 import os
@@ -215,6 +214,7 @@ def test_100_dicom_uploads_leave_no_identifier_anywhere():
 def build_rsna_with_phi(root: Path, token: str, n: int = 32) -> dict:
     """RSNA's layout (labels CSV with boxes, class CSV, stage_2_train_images/<patientId>.dcm) with every
     identifying header set; two films per patient; five broken files and one missing file."""
+    from tests.fixtures import rsna
     from tests.fixtures.images import radiograph
 
     rng = np.random.default_rng(7)
@@ -269,13 +269,7 @@ def build_rsna_with_phi(root: Path, token: str, n: int = 32) -> dict:
         else:
             labels.append([pid, "", "", "", "", "0"])
             classes.append([pid, "Normal" if k % 4 == 1 else "No Lung Opacity / Not Normal"])
-    for fname, header, rows in (("stage_2_train_labels.csv", ["patientId", "x", "y", "width", "height", "Target"],
-                                 labels),
-                                ("stage_2_detailed_class_info.csv", ["patientId", "class"], classes)):
-        with open(root / fname, "w", newline="") as fh:
-            w = csv.writer(fh)
-            w.writerow(header)
-            w.writerows(rows)
+    rsna.write_csvs(root, labels, classes)
     return {"unique": unique, "loose": loose, "broken": broken, "n_good": n, "pids": pids, "headers": headers}
 
 

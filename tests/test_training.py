@@ -4,9 +4,9 @@ import torch
 
 import pipeline.training as training
 from pipeline.config import AugmentParams
-from pipeline.data.store import ArrayStoreWriter
 from pipeline.models.registry import create_model
 from pipeline.training import RESUME_FILE, Rows, TrainSpec, masked_bce, train_classifier
+from tests.fixtures.toy import two_label_store
 
 
 def test_masked_bce_ignores_unknown_labels():
@@ -15,18 +15,6 @@ def test_masked_bce_ignores_unknown_labels():
     expected = (np.log1p(np.exp(-2.0)) + np.log1p(np.exp(0.5))) / 2  # hand-computed BCE of the two known
     assert float(masked_bce(logits, targets)) == pytest.approx(expected, rel=1e-6)
     assert float(masked_bce(logits, torch.full((2, 2), float("nan")))) == 0.0
-
-
-def _toy_store(tmp_path, n=48, size=32):
-    rng = np.random.default_rng(0)
-    y = np.stack([rng.random(n) < 0.5, rng.random(n) < 0.5], 1).astype(np.float32)
-    imgs = rng.integers(0, 60, (n, size, size)).astype(np.uint8)
-    imgs[y[:, 0] == 1, :16] += 120  # label 0: bright top half
-    imgs[y[:, 1] == 1, :, :16] += 60  # label 1: brighter left half
-    y[::7, 1] = np.nan
-    w = ArrayStoreWriter(tmp_path / "imgs", (size, size), np.uint8, shard_size=16)
-    w.append(imgs)
-    return w.close(), y
 
 
 def _run(tmp_path, store, y, resume_dir):
@@ -40,7 +28,7 @@ def _run(tmp_path, store, y, resume_dir):
 
 
 def test_learns_and_resumes_to_identical_weights(tmp_path, monkeypatch):
-    store, y = _toy_store(tmp_path)
+    store, y = two_label_store(tmp_path / "imgs", 48)
     full, res = _run(tmp_path, store, y, tmp_path / "r1")
     assert len(res["history"]) == 3 and len(res["thresholds"]) == 2
     assert res["best_score"] > 0.8  # separable toy task: val AUROC
@@ -71,7 +59,7 @@ def test_selects_on_one_split_and_calibrates_thresholds_on_another(tmp_path):
     from pipeline.data.dataset import predict
     from pipeline.metrics.classification import choose_thresholds
 
-    store, y = _toy_store(tmp_path)
+    store, y = two_label_store(tmp_path / "imgs", 48)
     idx = np.arange(len(store))
     torch.manual_seed(0)
     model = create_model("tinyvgg", 2)
@@ -85,7 +73,7 @@ def test_selects_on_one_split_and_calibrates_thresholds_on_another(tmp_path):
 
 def test_same_seed_same_weights_whatever_ran_before(tmp_path):
     """Dropout's randomness comes from the spec's seed, not from the global generator's state."""
-    store, y = _toy_store(tmp_path)
+    store, y = two_label_store(tmp_path / "imgs", 48)
     idx = np.arange(len(store))
     spec = TrainSpec(epochs=2, lr=3e-3, weight_decay=0.0, batch_size=16, seed=3, augment=AugmentParams())
     weights = []
