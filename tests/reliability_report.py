@@ -292,6 +292,10 @@ def build_report(log: Path | None, junit: Path | None, sanity: Path | None, summ
         for check, figures in g["checks"].items():
             reasons += bad_figures(check, figures)
         entry: dict = {"target": AREAS.get(area)} if area in AREAS else {}
+        caveats = [f"{check}: {c}" for check, figures in g["checks"].items()
+                   for c in ([figures["caveat"]] if isinstance(figures.get("caveat"), str) else figures.get("caveat") or [])]
+        if caveats:  # what a passing area could not cover (said beside the verdict, never hidden in it)
+            entry["caveats"] = caveats
         missing = None
         if area == "saliency_sanity":
             entry["pipeline_run"] = sanity_figures
@@ -339,7 +343,8 @@ def format_table(report: dict) -> str:
         verdict = {True: "pass", False: "FAIL", None: "not run"}[v["passed"]]
         t = v["tests"]
         counts = f"{t['passed']}/{t['failed'] + t['error']}/{t['skipped']}"
-        lines.append(f"{area:<18} {verdict:<8} {counts:<24} {(v['reason'] or '')[:160]}")
+        note = v["reason"] or ("; ".join(v["caveats"]) if v.get("caveats") else "")
+        lines.append(f"{area:<18} {verdict:<8} {counts:<24} {note[:160]}")
     lines.append(f"overall: {'pass' if report['passed'] else 'FAIL'}" + (f" ({report['reason']})" if report["reason"]
                                                                           else ""))
     return "\n".join(lines)

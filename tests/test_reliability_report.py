@@ -137,6 +137,24 @@ def test_a_bad_recorded_figure_fails_its_area(evidence):
     assert "resumed_weights_equal is false" in r["areas"]["determinism"]["reason"]
 
 
+def test_a_caveat_is_shown_beside_a_passing_verdict(evidence):
+    """What a check could not cover (pip-audit offline: packages older than their latest release) is
+    reported with the area, in the JSON and the printed table, without turning a pass into a fail."""
+    from tests.reliability_report import format_table
+
+    log, junit, sanity = evidence
+    _log(log, [{"check": "pip_audit", "packages": 71, "audited": 54, "not_audited": 17, "advisories": 0,
+                "caveat": "17 of 71 packages not audited"}])
+    r = build_report(log, junit, sanity)
+    auth = r["areas"]["auth_and_routes"]
+    assert auth["passed"] is True and auth["reason"] is None
+    assert auth["caveats"] == ["pip_audit: 17 of 71 packages not audited"]
+    assert "caveats" not in r["areas"]["fuzzing"]
+    assert "pip_audit: 17 of 71 packages not audited" in format_table(r)
+    _log(log, [{"check": "pip_audit", "advisories": 1, "caveat": "partial"}])
+    assert build_report(log, junit, sanity)["areas"]["auth_and_routes"]["passed"] is False
+
+
 def test_missing_evidence_is_not_a_pass(evidence, tmp_path):
     log, junit, sanity = evidence
     _junit(junit, [c for c in ALL_PASSING if "test_phi" not in c[0]]
