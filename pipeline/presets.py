@@ -72,15 +72,21 @@ def _get(data: dict, dotted: str):
 def merge(base: dict, overrides: dict) -> dict:
     """A copy of `base` with every leaf of `overrides` set (what the `-S` arguments do)."""
     merged = copy.deepcopy(base)
+    set_leaves(merged, overrides)
+    return merged
+
+
+def set_leaves(tree, overrides: dict) -> None:
+    """Set every leaf of `overrides` in the nested mapping `tree` (a dict or ruamel's CommentedMap),
+    creating the sections it lacks."""
     for dotted, value in leaves(overrides):
         *parents, last = dotted.split(".")
-        node = merged
+        node = tree
         for part in parents:
             if not isinstance(node.get(part), dict):
                 node[part] = {}
             node = node[part]
         node[last] = copy.deepcopy(value)
-    return merged
 
 
 def validate(merged: dict) -> Params:
@@ -161,14 +167,7 @@ def apply(params_path: str | Path, overrides: dict) -> None:
         ryaml = YAML()
         ryaml.preserve_quotes = True
         data = ryaml.load(params_path.read_text())
-        for dotted, value in leaves(overrides):
-            *parents, last = dotted.split(".")
-            node = data
-            for part in parents:
-                if not isinstance(node.get(part), dict):
-                    node[part] = {}
-                node = node[part]
-            node[last] = copy.deepcopy(value)
+        set_leaves(data, overrides)
         buf = io.StringIO()
         ryaml.dump(data, buf)
         text = buf.getvalue()
