@@ -1357,7 +1357,7 @@ def test_bounded_inflation_reads_deflated_files_as_pydicom_does(monkeypatch):
             d = decode(data)
         except DecodeError:
             return "refused"
-        return d.pixels.shape, float(d.pixels.sum()), d.patient_hash, d.view, d.info["transfer_syntax"]
+        return d.format, d.pixels.shape, float(d.pixels.sum()), d.patient_hash, d.view, d.info.get("transfer_syntax")
 
     @_settings(300)
     @given(data=st.data())
