@@ -9,7 +9,8 @@ export HF_HUB_OFFLINE := 1
 export GRADIO_ANALYTICS_ENABLED := False
 export DVC_NO_ANALYTICS := 1
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
-export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS := 300  # the temporary server can need > 20 s on a busy 2-core machine
+# the temporary Prefect server can need > 20 s to start on a busy 2-core machine
+export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS := 300
 export PYTHONUNBUFFERED := 1
 
 .PHONY: run test test-all viewer bench repro compare clean reliability
