@@ -25,7 +25,8 @@ from pathlib import Path
 
 import yaml
 
-from pipeline.config import ConfigError, Params, _format_error
+from pipeline.config import ConfigError, Params
+from pipeline.config.params import _format_error
 from pipeline.io import atomic_path
 
 log = logging.getLogger(__name__)

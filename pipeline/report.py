@@ -67,15 +67,20 @@ def _sanity_cell(c: dict) -> str:
     return "pass" if v < SANITY_MAX else "<b style='color:#b00'>FAIL</b>"
 
 
+def _sanity_checks(sanity: dict):
+    """(key, check, its rank correlation) for both checks of reports/sanity.json, in report order."""
+    for key, fig in (("cascading_randomization", "final_rank_corr"), ("label_permutation", "rank_corr")):
+        c = sanity.get(key) or {}
+        yield key, c, c.get(fig)
+
+
 def sanity_lines(sanity: dict | None) -> list[str]:
     """One line per saliency sanity check of reports/sanity.json (printed by `make run`, shown in the report)."""
     if not sanity:
         return ["saliency sanity checks: not run (reports/sanity.json missing)"]
     out = []
-    for key, name, fig in (("cascading_randomization", "cascading randomisation", "final_rank_corr"),
-                           ("label_permutation", "label permutation", "rank_corr")):
-        c = sanity.get(key) or {}
-        rho = c.get(fig)
+    for key, c, rho in _sanity_checks(sanity):
+        name = {"cascading_randomization": "cascading randomisation", "label_permutation": "label permutation"}[key]
         verdict = {True: "pass", False: "FAIL", None: "not run"}[c.get("passed")]
         detail = "" if rho is None else f"rank corr {rho:.3f} (passes below {sanity['max']}): "
         extra = (f", twin trained {c['epochs']} epochs on permuted labels: val loss {c['twin_val_loss']:.3f} "
@@ -93,10 +98,9 @@ def _html_sanity(sanity: dict | None, serve: int) -> str:
         return ("<h2>Saliency sanity checks</h2><p>Not run: <code>reports/sanity.json</code> is missing "
                 "(the <code>sanity</code> stage).</p>")
     rows = []
-    for key, name, fig in (("cascading_randomization", "cascading model-parameter randomisation", "final_rank_corr"),
-                           ("label_permutation", "label permutation (data randomisation)", "rank_corr")):
-        c = sanity.get(key) or {}
-        rho = c.get(fig)
+    for key, c, rho in _sanity_checks(sanity):
+        name = {"cascading_randomization": "cascading model-parameter randomisation",
+                "label_permutation": "label permutation (data randomisation)"}[key]
         verdict = {True: "pass", False: "<b style='color:#b00'>FAIL</b>", None: "not run"}[c.get("passed")]
         by_cycle = ", ".join(f"{k}: {'—' if v is None else f'{v:.3f}'}" for k, v in (c.get("by_cycle") or {}).items())
         rows.append(f"<tr><td style='text-align:left'>{esc(name)}</td><td>{'—' if rho is None else f'{rho:.3f}'}"

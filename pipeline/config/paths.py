@@ -1,0 +1,105 @@
+"""Every artefact path of a project, relative to its root. dvc.yaml mirrors these."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+
+class Paths:
+    """Every artefact path, relative to the project root. dvc.yaml mirrors these."""
+
+    def __init__(self, root: str | os.PathLike = "."):
+        self.root = Path(root)
+
+    # prepared data
+    @property
+    def prepared(self) -> Path:
+        return self.root / "data" / "prepared"
+
+    @property
+    def manifest(self) -> Path:
+        return self.prepared / "manifest.parquet"
+
+    @property
+    def boxes(self) -> Path:
+        return self.prepared / "boxes.parquet"
+
+    @property
+    def images(self) -> Path:
+        return self.prepared / "images"
+
+    @property
+    def gt_masks(self) -> Path:
+        return self.prepared / "masks"
+
+    @property
+    def grid(self) -> Path:
+        return self.prepared / "grid.json"
+
+    @property
+    def quarantine(self) -> Path:
+        """Files a source could not read, with the reason (the run goes on without them)."""
+        return self.root / "reports" / "quarantine.csv"
+
+    # segmentation
+    @property
+    def masks(self) -> Path:
+        return self.root / "data" / "segment" / "masks"
+
+    @property
+    def unet(self) -> Path:
+        return self.root / "models" / "unet"
+
+    @property
+    def segment_report(self) -> Path:
+        return self.root / "reports" / "segment"
+
+    # per cycle
+    def model(self, cycle: int) -> Path:
+        return self.root / "models" / f"c{cycle}"
+
+    def cams(self, cycle: int) -> Path:
+        return self.root / "data" / "cams" / f"c{cycle}"
+
+    def enhanced(self, cycle: int) -> Path:
+        return self.root / "data" / "enhanced" / f"c{cycle}"
+
+    def enhanced_train(self, cycle: int) -> Path:
+        return self.enhanced(cycle) / "train"
+
+    def enhanced_val(self, cycle: int) -> Path:
+        """Present for label-blind policies: the val images under the same transform."""
+        return self.enhanced(cycle) / "val"
+
+    def cycle_report(self, cycle: int) -> Path:
+        return self.root / "reports" / "cycles" / f"c{cycle}"
+
+    def cycle_metrics(self, cycle: int) -> Path:
+        """Headline scores only (what `dvc metrics show/diff` lists)."""
+        return self.cycle_report(cycle) / "metrics.json"
+
+    def cycle_scores(self, cycle: int) -> Path:
+        """Every score of the cycle: per label, sanity steps, the model's metadata."""
+        return self.cycle_report(cycle) / "scores.json"
+
+    def resume_dir(self, cycle: int) -> Path:
+        return self.root / "models" / ".resume" / f"c{cycle}"
+
+    # saliency sanity checks (after the last evaluated cycle)
+    @property
+    def sanity(self) -> Path:
+        return self.root / "reports" / "sanity.json"
+
+    @property
+    def sanity_resume(self) -> Path:
+        """The permuted-label twin's training state, kept: a rerun with the same twin skips its training."""
+        return self.root / "models" / ".resume" / "sanity"
+
+    # report
+    @property
+    def summary(self) -> Path:
+        return self.root / "reports" / "summary.json"
+
+    @property
+    def latest(self) -> Path:
+        return self.root / "models" / "latest.json"
