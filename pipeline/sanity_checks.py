@@ -43,7 +43,7 @@ from pipeline.metrics.sanity import SANITY_MAX, label_permutation
 from pipeline.models.checkpoint import file_sha256, load_model
 from pipeline.models.freeze import apply_trainable
 from pipeline.report import load_cycles
-from pipeline.training import Rows, baseline_model, baseline_spec, train_classifier
+from pipeline.training import Rows, baseline_model, baseline_spec, start_fingerprint, train_classifier
 
 log = logging.getLogger(__name__)
 
@@ -149,9 +149,8 @@ def _label_permutation(params: Params, paths: Paths, cycles: list[dict], serve: 
             twin, spec, labels, Rows(images, train_rows, permuted["train"]), Rows(images, val_rows, permuted["val"]),
             paths.sanity_resume,
             fingerprint_extra={"twin": "label_permutation", "permutation_seed": sp.seed, "data": data_hash,
-                               "arch": tp.arch, "model_kwargs": tp.model_kwargs, "labels": labels,
+                               **start_fingerprint(tp.arch, tp.model_kwargs, labels, tp.weights),
                                "image_size": params.data.image_size,
-                               "weights": file_sha256(tp.weights) if tp.weights else None,
                                "trainable": [tp.trainable_last_n, tp.trainable_blocks]},
             keep_last=True)
         trained = val_scores(twin)

@@ -32,7 +32,7 @@ from pipeline.data.store import ArrayStore
 from pipeline.data.transforms import augmentation
 from pipeline.metrics.classification import choose_thresholds, classification_metrics
 from pipeline.io import remove_stale_temps
-from pipeline.models.checkpoint import load_tensors, save_tensors
+from pipeline.models.checkpoint import CheckpointError, file_sha256, load_tensors, save_tensors
 from pipeline.models.freeze import freeze_norms
 from pipeline.models.registry import create_model
 
@@ -65,6 +65,18 @@ class TrainSpec:
         blob = json.dumps({**self.__dict__, "augment": self.augment.model_dump(), **extra},
                           sort_keys=True, default=str)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def start_fingerprint(arch: str, model_kwargs: dict, labels: list[str], weights: str | None) -> dict:
+    """What a run's starting point depends on, for its resume fingerprint (`fingerprint_extra`).
+
+    The labels, in order, are the head's outputs: the same count under other names or in another
+    order would otherwise continue the old state silently. `weights` (`train.weights`, for a run
+    that starts from it; None for one that starts from a parent checkpoint, whose hash names it) is
+    identified by its content, so a file replaced in place is other weights too. The train stage and
+    the label-permutation twin (pipeline/sanity_checks.py) both key their resume state with this."""
+    return {"arch": arch, "model_kwargs": model_kwargs, "labels": list(labels),
+            "weights": file_sha256(weights) if weights else None}
 
 
 def baseline_model(tp, n_labels: int, image_size: int) -> nn.Module:
@@ -113,6 +125,100 @@ def _opt_from_tensors(tensors: dict[str, torch.Tensor], groups: list) -> dict:
         _, pid, name = key.split(".", 2)
         state.setdefault(int(pid), {})[name] = v
     return {"state": state, "param_groups": groups}
+
+
+def _read_resume(path: Path, fingerprint: str, model: nn.Module, opt: torch.optim.Optimizer,
+                 sched: torch.optim.lr_scheduler.LRScheduler, gen: torch.Generator) -> tuple[dict, dict] | None:
+    """(tensors, metadata) of the resume file when this run can continue from it, else None.
+
+    A file from another configuration is ignored (an info line). One that cannot be read (truncated,
+    not safetensors, checksum wrong) or whose content is not this model's and optimiser's state is
+    discarded with a warning: the file only caches finished epochs, so training from scratch is
+    right, where raising would fail the stage on every rerun until someone deleted it by hand. The
+    next finished epoch overwrites it. Nothing is loaded into the model before all of it checks out.
+    """
+    main = distributed.is_main()
+    try:
+        tensors, meta = load_tensors(path)
+    except CheckpointError as err:
+        if main:
+            log.warning("discarding the resume state: %s; training from scratch", err)
+        return None
+    if meta.get("fingerprint") != fingerprint:
+        if main:
+            log.info("ignoring resume state %s from a different configuration; training from scratch", path)
+        return None
+    problem = _resume_problem(tensors, meta, model, opt, sched, gen)
+    if problem is not None:
+        if main:
+            log.warning("discarding the resume state %s: %s; training from scratch", path, problem)
+        return None
+    return tensors, meta
+
+
+def _shapes(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, tuple]:
+    return {k[len(prefix):]: tuple(v.shape) for k, v in tensors.items() if k.startswith(prefix)}
+
+
+def _same_kind(saved, live) -> bool:
+    """Whether a JSON value read back has the structure of a live one (tuples come back as lists)."""
+    if isinstance(live, bool) or isinstance(saved, bool):
+        return type(saved) is type(live)
+    if isinstance(live, (int, float)):
+        return isinstance(saved, (int, float))
+    if isinstance(live, dict):
+        return isinstance(saved, dict) and saved.keys() == live.keys() and all(
+            _same_kind(saved[k], live[k]) for k in live)
+    if isinstance(live, (list, tuple)):
+        return isinstance(saved, list) and len(saved) == len(live) and all(map(_same_kind, saved, live))
+    return live is None and saved is None or type(saved) is type(live)
+
+
+def _resume_problem(tensors: dict[str, torch.Tensor], meta: dict, model: nn.Module, opt: torch.optim.Optimizer,
+                    sched: torch.optim.lr_scheduler.LRScheduler, gen: torch.Generator) -> str | None:
+    """Why a resume file whose fingerprint matches still cannot be continued, or None."""
+    return _tensors_problem(tensors, model, opt, gen) or _settings_problem(meta, opt, sched)
+
+
+def _tensors_problem(tensors: dict[str, torch.Tensor], model: nn.Module, opt: torch.optim.Optimizer,
+                     gen: torch.Generator) -> str | None:
+    """Weights, optimiser state and generator states that are not this run's (names, shapes)."""
+    live = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    for part in ("model", "best"):
+        if _shapes(tensors, f"{part}.") != live:
+            return f"its {part} weights are not this model's (names or shapes differ)"
+    params = [p for group in opt.param_groups for p in group["params"]]
+    names: dict[str, set] = {}
+    for key, shape in _shapes(tensors, "opt.").items():
+        pid, _, name = key.partition(".")
+        if not pid.isdigit() or int(pid) >= len(params):
+            return f"optimiser state {key!r} names no parameter"
+        if shape != (() if name == "step" else tuple(params[int(pid)].shape)):
+            return f"optimiser state {key!r} has shape {shape}"
+        names.setdefault(pid, set()).add(name)
+    if len({frozenset(v) for v in names.values()}) > 1:
+        return "its optimiser state is incomplete"
+    shuffle, dropout = tuple(gen.get_state().shape), tuple(torch.get_rng_state().shape)
+    rngs = {k: tuple(v.shape) for k, v in tensors.items() if k.startswith("rng.") and v.dtype == torch.uint8}
+    if rngs.get("rng.shuffle") != shuffle or rngs.get("rng.torch") != dropout or any(
+            shape != dropout for k, shape in rngs.items() if k.startswith("rng.torch.")):
+        return "its random generator states are missing or malformed"
+    return None
+
+
+def _settings_problem(meta: dict, opt: torch.optim.Optimizer,
+                      sched: torch.optim.lr_scheduler.LRScheduler) -> str | None:
+    """Optimiser and schedule settings, epoch, history and best score that this run cannot take up."""
+    if not _same_kind(meta.get("param_groups"), opt.state_dict()["param_groups"]) \
+            or not _same_kind(meta.get("sched"), sched.state_dict()):
+        return "its optimiser or schedule settings are malformed"
+    epoch, history = meta.get("epoch"), meta.get("history")
+    if not (isinstance(epoch, int) and not isinstance(epoch, bool) and epoch >= 0 and isinstance(history, list)
+            and len(history) == epoch + 1
+            and all(isinstance(row, dict) and set(HISTORY_KEYS) <= row.keys() for row in history)
+            and isinstance(meta.get("best_epoch"), int) and isinstance(meta.get("best_score"), (int, float))):
+        return "its epoch, history or best score is malformed"
+    return None
 
 
 def train_classifier(model: nn.Module, spec: TrainSpec, labels: list[str], train: Rows, select: Rows,
@@ -189,26 +295,23 @@ def _train(model: nn.Module, spec: TrainSpec, labels: list[str], train: Rows, se
     if main:
         remove_stale_temps(resume_dir)
     distributed.barrier()
-    if resume_path.is_file():
-        tensors, meta = load_tensors(resume_path)
-        if meta.get("fingerprint") == fingerprint:
-            model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
-            opt.load_state_dict(_opt_from_tensors({k: v for k, v in tensors.items() if k.startswith("opt.")},
-                                                  meta["param_groups"]))
-            sched.load_state_dict(meta["sched"])
-            gen.set_state(tensors["rng.shuffle"])
-            torch.set_rng_state(tensors.get(f"rng.torch.{rank}", tensors["rng.torch"]) if rank
-                                else tensors["rng.torch"])
-            # the resume file's JSON metadata has sorted keys: rows get their order back, so a resumed
-            # run's history (and history.csv) is byte-identical to an uninterrupted run's
-            history = [{k: row[k] for k in HISTORY_KEYS} for row in meta["history"]]
-            start_epoch = meta["epoch"] + 1
-            best = {"score": meta["best_score"], "epoch": meta["best_epoch"],
-                    "state": {k[5:]: v for k, v in tensors.items() if k.startswith("best.")}}
-            if main:
-                log.info("resuming from epoch %d (%s)", start_epoch, resume_path)
-        elif main:
-            log.info("ignoring resume state from a different configuration")
+    saved = _read_resume(resume_path, fingerprint, model, opt, sched, gen) if resume_path.is_file() else None
+    if saved is not None:
+        tensors, meta = saved
+        opt.load_state_dict(_opt_from_tensors({k: v for k, v in tensors.items() if k.startswith("opt.")},
+                                              meta["param_groups"]))
+        sched.load_state_dict(meta["sched"])
+        gen.set_state(tensors["rng.shuffle"])
+        model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+        torch.set_rng_state(tensors.get(f"rng.torch.{rank}", tensors["rng.torch"]) if rank else tensors["rng.torch"])
+        # the resume file's JSON metadata has sorted keys: rows get their order back, so a resumed
+        # run's history (and history.csv) is byte-identical to an uninterrupted run's
+        history = [{k: row[k] for k in HISTORY_KEYS} for row in meta["history"]]
+        start_epoch = meta["epoch"] + 1
+        best = {"score": meta["best_score"], "epoch": meta["best_epoch"],
+                "state": {k[5:]: v for k, v in tensors.items() if k.startswith("best.")}}
+        if main:
+            log.info("resuming from epoch %d (%s)", start_epoch, resume_path)
 
     # DDP averages the ranks' gradients in backward; `model` stays the plain module (saved keys unprefixed)
     net = model if world == 1 else nn.parallel.DistributedDataParallel(

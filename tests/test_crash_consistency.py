@@ -71,8 +71,10 @@ class Crasher:
         return [PY, "-m", "dvc", "repro", *(["--force", "--single-item"] if forced else []), kill.stage], ENV
 
     def _resume_file(self, stage: str) -> Path:
-        m = re.search(r"pipeline\.stages\.(\w+)(?: --cycle (\d+))?", self.cmds[stage])
-        name = f"c{m.group(2)}" if m.group(1) == "train" else m.group(1)
+        # a training stage's state lives under its cycle: train_baseline -> c0, train@cK -> cK (the
+        # per-cycle commands carry no --cycle; dvc.yaml's header says why)
+        m = re.search(r"pipeline\.stages\.(\w+)", self.cmds[stage])
+        name = (stage.partition("@")[2] or "c0") if m.group(1) == "train" else m.group(1)
         return self.project / "models" / ".resume" / name / "state.safetensors"
 
     def _store_outs(self, stage: str) -> list[str]:

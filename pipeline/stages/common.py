@@ -1,4 +1,13 @@
-"""What every stage entry point shares: logging, params, paths, one-line errors, thread count."""
+"""What every stage entry point shares: logging, params, paths, one-line errors, thread count, and
+which cycle a per-cycle stage runs.
+
+dvc.yaml's per-cycle stages (`foreach: ${cycles}`) interpolate nothing into their commands: dvc
+pastes interpolated params into `cmd` and hands the line to a shell before any validation runs, so
+`--cycle ${item.id}` with `cycles.c1.id='1; touch x'` ran `touch x`. Instead the command is the bare
+`python -m pipeline.stages.<name>`, and the stage finds its cycle from the address dvc gives every
+stage command in $DVC_STAGE (`train@c1`), whose key it looks up in the params the config loader has
+validated (cycle keys `c<id>`, integer ids).
+"""
 from __future__ import annotations
 
 import argparse
@@ -10,6 +19,8 @@ from typing import Callable
 import torch
 
 from pipeline.config import ConfigError, Params, Paths, load_params
+
+DVC_STAGE = "DVC_STAGE"  # dvc sets it for every stage command it runs: the stage's address
 
 
 def stage_main(name: str, body: Callable[[Params, Paths, argparse.Namespace], None],
@@ -26,6 +37,8 @@ def stage_main(name: str, body: Callable[[Params, Paths, argparse.Namespace], No
     log = logging.getLogger(f"pipeline.stages.{name}")
     try:
         params = load_params(args.params)
+        if "cycle" in vars(args):
+            args.cycle = stage_cycle(name, args.cycle, params, os.environ.get(DVC_STAGE))
         if params.train.num_threads:
             torch.set_num_threads(params.train.num_threads)
         body(params, Paths(args.root), args)
@@ -35,4 +48,24 @@ def stage_main(name: str, body: Callable[[Params, Paths, argparse.Namespace], No
 
 
 def cycle_arg(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--cycle", type=int, required=True)
+    parser.add_argument("--cycle", type=int, default=None,
+                        help=f"the cycle to run (default: the foreach key of ${DVC_STAGE}, e.g. train@c1)")
+
+
+def stage_cycle(name: str, cycle: int | None, params: Params, address: str | None) -> int:
+    """The cycle stage `name` runs: `--cycle` when given (cycle 0's stages, direct runs), else the
+    cycle whose key ends dvc's stage address (`train@c1`, or `sub/dvc.yaml:train@c1`).
+
+    The key is only looked up among the validated `params.cycles`, never parsed for a number, so
+    whatever the address holds becomes a ConfigError, not a cycle."""
+    if cycle is not None:
+        return cycle
+    if not address:
+        raise ConfigError(f"no cycle: pass --cycle N, or run the stage through dvc (${DVC_STAGE} unset)")
+    group, at, key = address.rpartition(":")[2].rpartition("@")
+    if not at or group != name:
+        raise ConfigError(f"${DVC_STAGE}={address!r} is not a {name}@<cycle> stage; pass --cycle N")
+    if key not in params.cycles:
+        raise ConfigError(f"${DVC_STAGE}={address!r}: {key!r} is not a cycle of params.yaml "
+                          f"(cycles: {', '.join(params.cycles) or 'none'})")
+    return params.cycles[key].id

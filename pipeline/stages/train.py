@@ -25,7 +25,8 @@ from pipeline.io import write_text
 from pipeline.models.checkpoint import file_sha256, load_model, save_model
 from pipeline.models.freeze import apply_trainable
 from pipeline.stages.common import cycle_arg, stage_main
-from pipeline.training import RESUME_FILE, Rows, TrainSpec, baseline_model, baseline_spec, train_classifier
+from pipeline.training import (RESUME_FILE, Rows, TrainSpec, baseline_model, baseline_spec, start_fingerprint,
+                               train_classifier)
 
 log = logging.getLogger(__name__)
 
@@ -82,8 +83,9 @@ def _run(params, paths, args) -> None:
                                + paths.manifest.read_bytes()).hexdigest()[:16]
     resume_dir = paths.resume_dir(k)
     result = train_classifier(model, spec, labels, Rows(train_store, train_idx, y_train), select, resume_dir,
-                              fingerprint_extra={"data": data_hash, "parent": parent, "arch": arch,
-                                                 "model_kwargs": model_kwargs},
+                              fingerprint_extra={"data": data_hash, "parent": parent,
+                                                 **start_fingerprint(arch, model_kwargs, labels,
+                                                                     tp.weights if k == 0 else None)},
                               calibrate=raw_val)
     meta = {
         "arch": arch, "model_kwargs": model_kwargs, "trainable": trainable,

@@ -175,7 +175,9 @@ def scan(root: Path, cx: ChexpertParams) -> dict[str, list[Item]]:
                 if (cx.frontal_only and not frontal) or str(inner) in seen:
                     continue
                 seen.add(str(inner))
-                items.append(Item(rel=(base / inner).relative_to(root).as_posix(),
+                # joined, not resolved: a `../` or absolute Path stays as the CSV says, and is
+                # quarantined when read (sources.common.inside_root) instead of failing the scan
+                items.append(Item(rel=(base.relative_to(root) / inner).as_posix(),
                                   image_id=str(inner.with_suffix("")), official=official,
                                   patient=patient_of(str(inner)), view=view, frontal=frontal,
                                   cells=tuple(_cell(row, label) for label in LABEL_COLUMNS), **meta_of(row)))

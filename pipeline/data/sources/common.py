@@ -161,11 +161,32 @@ def image_record(root: Path, rel: str, p: DataParams, salt: str, *, shown_as: st
     return Pending(load_image_record, (Path(root), rel, p, salt, shown_as, dict(redact or {}), fields))
 
 
+OUTSIDE_ROOT = "resolves outside data.root (a ../ or absolute path, or a symlink out of it); not read"
+
+
+def inside_root(root: Path, rel: str) -> Path:
+    """`root/rel` with every symlink resolved, when that stays inside `root` (itself resolved); else
+    DecodeError, which quarantines the row like an unreadable file.
+
+    Every file a source reads goes through here: a CSV names its files (CheXpert's Path column,
+    RSNA's patientId), and a `../`, an absolute path or a symlink in the dataset must not make
+    prepare read (and put into the training set) a file from elsewhere on the machine. The resolved
+    path is the one to open, so a link swapped after the check is not followed either."""
+    try:
+        base = Path(root).resolve()
+        path = (base / rel).resolve()
+    except (OSError, RuntimeError, ValueError) as err:  # a symlink loop, a NUL byte in the name
+        raise DecodeError(f"path cannot be resolved ({type(err).__name__}); not read") from None
+    if not path.is_relative_to(base):
+        raise DecodeError(OUTSIDE_ROOT)
+    return path
+
+
 def load_image_record(root: Path, rel: str, p: DataParams, salt: str, shown_as: str | None,
                       redact: dict[str, str], fields: dict) -> Record | Quarantined:
     fields = dict(fields)
     try:
-        image, fit, decoded = read_image(root / rel, p, salt)
+        image, fit, decoded = read_image(inside_root(root, rel), p, salt)
     except DecodeError as err:
         reason = str(err)
         for secret, public in redact.items():

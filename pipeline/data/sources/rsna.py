@@ -39,7 +39,8 @@ from pipeline.config import Params
 from pipeline.data.decode import salted_hash
 from pipeline.data.dicom import quiet_pydicom
 from pipeline.data.record import Quarantined, Record
-from pipeline.data.sources.common import age_years, assign_splits, image_record, limited, pseudonym, sex_of
+from pipeline.data.sources.common import (age_years, assign_splits, image_record, inside_root, limited, pseudonym,
+                                          sex_of)
 
 log = logging.getLogger(__name__)
 
@@ -110,13 +111,17 @@ def _read_studies(root: Path) -> tuple[dict[str, _Study], bool]:
     return studies, has_classes
 
 
-def _header(path: Path) -> dict:
-    """The few header tags this adapter needs (pixels not read); {} when the file is unreadable,
-    which the pixel decode then quarantines."""
+def _rel(pid: str) -> str:
+    return f"{IMAGE_DIR}/{pid}.dcm"
+
+
+def _header(root: Path, rel: str) -> dict:
+    """The few header tags this adapter needs (pixels not read); {} when the file is unreadable or
+    outside data.root (a patientId like `../x`), which the pixel decode then quarantines."""
     import pydicom
 
     try:
-        ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=_HEADER_TAGS)
+        ds = pydicom.dcmread(inside_root(root, rel), stop_before_pixels=True, specific_tags=_HEADER_TAGS)
         return {tag: str(ds.get(tag, "") or "").strip() for tag in _HEADER_TAGS}
     except Exception:  # noqa: BLE001 - any unreadable header falls back to the CSV; decode decides
         return {}
@@ -131,7 +136,7 @@ def records(params: Params, salt: str) -> Iterator[Record | Quarantined]:
     headers: dict[str, dict] = {}
     with quiet_pydicom():
         for pid in ids:
-            headers[pid] = _header(root / IMAGE_DIR / f"{pid}.dcm")
+            headers[pid] = _header(root, _rel(pid))
     patient_key = {pid: headers[pid].get("PatientID") or pid for pid in ids}
     split_of = assign_splits(patient_key.values(), p)
 
@@ -151,7 +156,7 @@ def records(params: Params, salt: str) -> Iterator[Record | Quarantined]:
         counts["images"] += 1
         counts["positive"] += st.target
         counts[split_of[patient_key[pid]]] += 1
-        yield image_record(root, f"{IMAGE_DIR}/{pid}.dcm", p, salt, shown_as=opaque, redact={pid: image_id},
+        yield image_record(root, _rel(pid), p, salt, shown_as=opaque, redact={pid: image_id},
                            image_id=image_id, patient_id=patient_id, split=split_of[patient_key[pid]],
                            labels=labels, boxes_px=[(lab, *b) for b in st.boxes for lab in BOX_LABELS],
                            meta={"age_years": age, "sex": sex}, view=view)
