@@ -44,7 +44,7 @@ test-all: $(STAMP)
 
 # the reliability suite of issue 7, long (`slow`) variants included; modules not written yet are left out
 RELIABILITY_TESTS := tests/test_crash_consistency.py tests/test_kill_resume.py tests/test_determinism.py tests/test_fuzz.py tests/test_phi.py \
-	tests/test_security.py tests/test_viewer_api.py tests/test_sanity.py tests/test_pipeline_attacks.py
+	tests/test_security.py tests/test_viewer_api.py tests/test_sanity.py tests/test_pipeline_attacks.py tests/test_viewer_attacks.py
 
 reliability: $(STAMP)  ## the reliability suite -> reports/reliability.json (saliency figures from the last `make run`)
 	@log=$$(mktemp -t cxr-reliability.XXXXXX); junit=$$(mktemp -t cxr-junit.XXXXXX); \

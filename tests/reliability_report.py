@@ -1,4 +1,5 @@
-"""Fold the reliability suite's evidence into `reports/reliability.json` (issue 7's seven areas).
+"""Fold the reliability suite's evidence into `reports/reliability.json` (issue 7's seven areas, and
+issue 14's attacks on the viewer and the pipeline as an eighth).
 
     python -m tests.reliability_report --log LOG --junit JUNIT --sanity reports/sanity.json \
         [--summary reports/summary.json] --out reports/reliability.json
@@ -20,7 +21,7 @@ Every test and check belongs to one area (`AREA_OF_TEST`, `AREA_OF_CHECK`; first
 An area passes when at least one of its tests ran and none failed, no figure it recorded says
 something went wrong (`BAD_FIGURES` > 0, or a false `passed`/`ok`/`*_equal`), and — for saliency
 sanity — both checks of reports/sanity.json passed. An area with no evidence is `"passed": null`
-("not run"; saliency sanity without reports/sanity.json is "incomplete"). Tests outside the seven
+("not run"; saliency sanity without reports/sanity.json is "incomplete"). Tests outside the
 areas are listed under "other". The whole report passes only when every area passed and no other
 test failed. Each verdict carries its reasons.
 """
@@ -59,11 +60,17 @@ AREAS = {
                        "rate-limited; pip-audit finds no known advisory in the viewer stack",
     "saliency_sanity": "cascading model-parameter randomisation and label permutation drop the heatmap rank "
                        "correlation below 0.2 for the default model; a failing check is flagged",
+    "attacks": "issue 14, at the viewer's default limits: an upload event reads only the viewer's own uploads and "
+               "cannot stall it; anonymous bodies capped (RSS < +50 MB over 20); no upload outlives SIGTERM or a "
+               "restart after SIGKILL; header/body deadlines and a connection cap; REST analyses in flight capped "
+               "(429); proxy headers only from trusted proxies; no timing oracle; resume, cycle-id, dataset-path "
+               "and unsafe-loader attacks on the pipeline refused",
 }
 OTHER = "other"
 
 # (regex on "tests/test_x.py::test_name[param]", area): first match wins
 AREA_OF_TEST: list[tuple[str, str]] = [
+    (r"^tests/test_(viewer|pipeline)_attacks\.py::", "attacks"),
     (r"^tests/test_sanity\.py::", "saliency_sanity"),
     (r"^tests/test_viewer_api\.py::test_model_card", "saliency_sanity"),
     (r"^tests/test_(crash_consistency|kill_resume)\.py::", "crash_consistency"),
@@ -79,6 +86,7 @@ AREA_OF_TEST: list[tuple[str, str]] = [
 ]
 # (regex on the recorded check's name, area)
 AREA_OF_CHECK: list[tuple[str, str]] = [
+    (r"^attacks", "attacks"),
     (r"^crash_consistency", "crash_consistency"),
     (r"^(fuzz|bombs)", "fuzzing"),
     (r"^determinism", "determinism"),

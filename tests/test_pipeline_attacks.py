@@ -32,7 +32,7 @@ import torch
 import yaml
 
 import pipeline.training as training
-from pipeline.config import AugmentParams, ConfigError, Params, Paths
+from pipeline.config import ConfigError, Params, Paths
 from pipeline.data.labels import CANONICAL_LABELS
 from pipeline.data.record import Quarantined, Record, materialise
 from pipeline.data.sources.common import OUTSIDE_ROOT
@@ -40,10 +40,10 @@ from pipeline.models.checkpoint import load_tensors, save_tensors
 from pipeline.models.registry import create_model
 from pipeline.stages import train as train_stage
 from pipeline.stages.common import stage_cycle
-from pipeline.training import RESUME_FILE, Rows, TrainSpec, train_classifier
+from pipeline.training import RESUME_FILE
 from tests.conftest import ROOT, tiny_params
 from tests.fixtures.images import radiograph, write_dicom, write_jpeg, write_png
-from tests.fixtures.toy import two_label_store
+from tests.fixtures.toy import train_toy, two_label_store
 from tests.reliability import record
 
 LABELS = ["Pneumonia", "Cardiomegaly"]
@@ -162,13 +162,7 @@ def test_a_resume_state_is_not_continued_after_labels_or_weights_changed(tmp_pat
 # =================================================================================================
 
 def _classifier_run(store, y, resume_dir: Path) -> tuple[torch.nn.Module, dict]:
-    torch.manual_seed(0)
-    model = create_model("tinyvgg", 2)
-    spec = TrainSpec(epochs=2, lr=3e-3, weight_decay=0.0, batch_size=8, seed=0, augment=AugmentParams())
-    idx = np.arange(len(store))
-    res = train_classifier(model, spec, ["a", "b"], Rows(store, idx[:16], y[:16]), Rows(store, idx[16:], y[16:]),
-                           resume_dir)
-    return model, res
+    return train_toy(store, y, resume_dir, epochs=2, batch_size=8, n_train=16)
 
 
 def _bad_resume_files(good: bytes, tensors: dict, meta: dict) -> dict[str, bytes | tuple[dict, dict]]:

@@ -61,6 +61,7 @@ ALL_PASSING = [
     ("tests/test_sanity.py::test_permuted_label_twin_gives_low_correlation", "passed", None),
     ("tests/test_viewer_api.py::test_model_card", "passed", None),
     ("tests/test_viewer_api.py::test_prediction_schema", "passed", None),
+    ("tests/test_viewer_attacks.py::test_an_upload_event_reads_only_a_file_uploaded_to_the_viewer", "passed", None),
 ]
 
 
@@ -74,7 +75,8 @@ def evidence(tmp_path):
                 "formats": ["jpeg", "png"]},
                {"check": "auth.routes", "routes": 12, "anonymous_401": 11},
                {"check": "safe_loading.lint", "files": 80, "violations": 0},
-               {"check": "crash_consistency", "kills": 20, "by_target": {"train": 8, "flow": 12}}])
+               {"check": "crash_consistency", "kills": 20, "by_target": {"train": 8, "flow": 12}},
+               {"check": "attacks.upload_event_paths", "cases": 10, "leaked": 0}])
     _junit(junit, ALL_PASSING)
     _sanity(sanity)
     return log, junit, sanity
@@ -84,7 +86,7 @@ def test_everything_passing(evidence):
     log, junit, sanity = evidence
     r = build_report(log, junit, sanity, sanity.parent / "summary.json")
     assert r["passed"] is True and r["reason"] is None
-    assert list(r["areas"])[:7] == list(AREAS) and set(r["areas"]) == {*AREAS, "other"}
+    assert list(r["areas"])[:8] == list(AREAS) and set(r["areas"]) == {*AREAS, "other"}
     assert all(r["areas"][a]["passed"] is True for a in r["areas"])
     fuzz = r["areas"]["fuzzing"]["checks"]["fuzz.decoder"]
     assert fuzz["cases"] == 10300 and fuzz["max_ms"] == 95.5 and fuzz["crashes"] == 0 and fuzz["records"] == 2
@@ -96,6 +98,7 @@ def test_everything_passing(evidence):
     assert s["pipeline_run"]["label_permutation"]["rank_corr"] == 0.03
     assert s["pipeline_run"]["sanity_rank_corr_per_cycle"] == {"c0": 0.0, "c3": -0.01}
     assert r["areas"]["other"]["tests"]["passed"] == 1  # test_prediction_schema belongs to no area
+    assert r["areas"]["attacks"]["checks"]["attacks.upload_event_paths"]["cases"] == 10
     env = r["environment"]
     assert env["python"] and env["cpu_count"] and env["date"] and "git_commit" in env and "torch" in env
     assert r["tests"] == {"total": len(ALL_PASSING), "passed": len(ALL_PASSING), "failed": 0, "error": 0,

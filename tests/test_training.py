@@ -6,7 +6,7 @@ import pipeline.training as training
 from pipeline.config import AugmentParams
 from pipeline.models.registry import create_model
 from pipeline.training import RESUME_FILE, Rows, TrainSpec, masked_bce, train_classifier
-from tests.fixtures.toy import two_label_store
+from tests.fixtures.toy import train_toy, two_label_store
 
 
 def test_masked_bce_ignores_unknown_labels():
@@ -18,13 +18,7 @@ def test_masked_bce_ignores_unknown_labels():
 
 
 def _run(tmp_path, store, y, resume_dir):
-    torch.manual_seed(0)
-    model = create_model("tinyvgg", 2)
-    spec = TrainSpec(epochs=3, lr=3e-3, weight_decay=0.0, batch_size=16, seed=0, augment=AugmentParams())
-    idx = np.arange(len(store))
-    res = train_classifier(model, spec, ["a", "b"], Rows(store, idx[:36], y[:36]), Rows(store, idx[36:], y[36:]),
-                           resume_dir)
-    return model, res
+    return train_toy(store, y, resume_dir, epochs=3, batch_size=16, n_train=36)
 
 
 def test_learns_and_resumes_to_identical_weights(tmp_path, monkeypatch):

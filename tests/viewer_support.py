@@ -9,6 +9,7 @@ from __future__ import annotations
 import atexit
 import io
 import os
+import re
 import shutil
 import signal
 import socket
@@ -79,7 +80,10 @@ class Viewer:
                 self.proc.wait(10)
 
 
-def start_viewer(root: Path, name: str, extra_env: dict | None = None, timeout: float = 120) -> Viewer:
+def start_viewer(root: Path, name: str, extra_env: dict | None = None, timeout: float = 120,
+                 default_limits: bool = False) -> Viewer:
+    """A viewer subprocess; small upload and pixel limits (2 MB, 4 Mpixel) unless `default_limits`, which
+    runs it at the limits users get (every CXR_* limit variable unset)."""
     import httpx
 
     port = free_port()
@@ -90,6 +94,11 @@ def start_viewer(root: Path, name: str, extra_env: dict | None = None, timeout: 
            "CXR_USERS": f"{USER}:{PASSWORD}", "GRADIO_TEMP_DIR": str(temp_dir), "CXR_LOG_LEVEL": "INFO",
            "CXR_MAX_UPLOAD_MB": "2", "CXR_MAX_PIXELS": "4000000", **(extra_env or {})}
     env.pop("CXR_USERS_FILE", None)
+    if default_limits:
+        from pipeline.viewer.limits import __doc__ as limits_doc
+
+        for var in set(re.findall(r"\bCXR_[A-Z_]+\b", limits_doc)) - set(extra_env or {}):
+            env.pop(var, None)
     with open(log, "wb") as fh:
         proc = subprocess.Popen([sys.executable, "-m", "pipeline.viewer"], cwd=ROOT, env=env, stdout=fh,
                                 stderr=subprocess.STDOUT)

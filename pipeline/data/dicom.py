@@ -33,7 +33,10 @@ INFLATE_BYTES_PER_PIXEL = 2  # a deflated DICOM dataset holds at most a 16-bit g
 # inflates at some 250 MB/s)
 _DEFLATED = b"1.2.840.10008.1.2.1.99"  # Deflated Explicit VR Little Endian
 _STATE_LOCK = threading.RLock()
-_CS = re.compile(r"[A-Z0-9 _]{1,16}")  # DICOM code string: what a ViewPosition may look like
+# ViewPosition's defined terms for radiographs (PS3.3 C.8.11.5) and the spellings seen in the field; any other
+# value is dropped, since a free-text tag can carry a name ("DOE JOHN") as easily as a view
+VIEWS = frozenset({"PA", "AP", "LL", "RL", "LAT", "LATERAL", "LLD", "RLD", "LLO", "RLO", "LAO", "RAO", "LPO",
+                   "RPO", "AP SUPINE", "AP ERECT", "PA ERECT"})
 _PHOTOMETRIC = {"MONOCHROME1", "MONOCHROME2", "RGB", "PALETTE COLOR", "YBR_FULL", "YBR_FULL_422",
                 "YBR_ICT", "YBR_RCT", "YBR_PARTIAL_420"}
 
@@ -91,7 +94,7 @@ def decode_dicom(data: bytes, max_pixels: int, id_salt: str, *, force: bool) -> 
             "signed": bool(_int_tag(ds, "PixelRepresentation", 0)),
             "photometric": photometric if photometric in _PHOTOMETRIC else "other",
             "transfer_syntax": _syntax_name(syntax)}
-    return Decoded(arr, "dicom", view=view if _CS.fullmatch(view) else None,
+    return Decoded(arr, "dicom", view=view if view in VIEWS else None,
                    patient_hash=salted_hash(pid, id_salt) if pid else None, info=info)
 
 

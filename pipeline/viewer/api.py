@@ -17,13 +17,13 @@ from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.datastructures import UploadFile
-from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.formparsers import MultiPartException, MultiPartParser
 from starlette.concurrency import run_in_threadpool
 
-from pipeline.viewer.auth import LoginThrottle, Users
+from pipeline.viewer.auth import LoginThrottle, TooManyFailures, Users, log_in
 from pipeline.viewer.card import NOTICE
 from pipeline.viewer.engine import SHORTCUT_SHARE, Analysis, Engine, ImageError, NoModel, anatomy_of_label
+from pipeline.viewer.limits import Busy, InFlight
 from pipeline.viewer.render import b64png, heatmap_gray
 
 log = logging.getLogger(__name__)
@@ -148,22 +148,23 @@ def model_summary(engine: Engine) -> dict:
             "baseline_cycle": engine.baseline.cycle if engine.baseline is not None else None}
 
 
-def router(engine: Engine, users: Users, max_bytes: int, card_fn, throttle: LoginThrottle | None = None) -> APIRouter:
+def router(engine: Engine, users: Users, max_bytes: int, card_fn, throttle: LoginThrottle | None = None,
+           max_inflight: int = 4) -> APIRouter:
     r = APIRouter(prefix="/api/v1")
     throttle = throttle or LoginThrottle.from_env()
+    inflight = InFlight(max_inflight)   # predicts holding an upload in memory, reading, waiting or analysing
 
     def require_user(request: Request) -> str:
         if "authorization" not in request.headers:
             raise ApiError(401, "authentication required (HTTP Basic)", {"WWW-Authenticate": REALM})
-        creds = basic_credentials(request)
-        client, name = request.client.host if request.client else None, creds[0] if creds else None
-        wait = throttle.retry_after(client, name)
-        if wait is not None:
-            raise ApiError(429, f"too many failed logins: try again in {wait} s", {"Retry-After": str(wait)})
-        if creds is None or not users.check(*creds):
-            throttle.failed(client, name)
+        name, password = basic_credentials(request) or (None, None)
+        try:   # a sync dependency: FastAPI runs it in the thread pool, off the event loop
+            ok = log_in(users, throttle, request.client.host if request.client else None, name, password)
+        except TooManyFailures as err:
+            raise ApiError(429, str(err), {"Retry-After": str(err.retry_after)}) from None
+        if not ok:
             raise ApiError(401, "authentication required (HTTP Basic)", {"WWW-Authenticate": REALM})
-        return creds[0]
+        return name
 
     def loaded() -> None:
         try:
@@ -188,14 +189,18 @@ def router(engine: Engine, users: Users, max_bytes: int, card_fn, throttle: Logi
     async def predict(request: Request, baseline: bool = True, heatmaps: bool = True,
                       user: str = Depends(require_user)) -> JSONResponse:
         await run_in_threadpool(loaded)
-        data = await read_upload(request, max_bytes)
         try:
-            result = await run_in_threadpool(engine.analyse, data, baseline)
-        except ImageError as err:
-            raise ApiError(422, str(err)) from None
-        finally:
-            del data
-        body = await run_in_threadpool(analysis_json, result, engine, heatmaps)
+            with inflight.slot():
+                data = await read_upload(request, max_bytes)
+                try:
+                    result = await run_in_threadpool(engine.analyse, data, baseline)
+                except ImageError as err:
+                    raise ApiError(422, str(err)) from None
+                finally:
+                    del data
+                body = await run_in_threadpool(analysis_json, result, engine, heatmaps)
+        except Busy as err:
+            raise ApiError(429, str(err), {"Retry-After": str(err.retry_after)}) from None
         log.info("predict: %s image analysed in %.0f ms", result.source["format"], result.timings_ms["total"])
         return JSONResponse(body)
 

@@ -3,19 +3,20 @@
     python -m pipeline.viewer            # or `make viewer`; CXR_HOST / CXR_PORT, default 127.0.0.1:7860
 
 Settings (environment): CXR_USERS="name:pw,..." (demo) and/or a users file (CXR_USERS_FILE,
-default .cxr/users.json; `python -m pipeline.viewer.auth add NAME`), CXR_MAX_UPLOAD_MB (20),
-CXR_MAX_PIXELS (params' data.max_pixels), CXR_QUEUE_SIZE (32). Gradio runs with analytics off, no
-share link, no `allowed_paths` (the workspace is blocked outright), uploads capped by
-`max_file_size`, and its temp dir in a private folder outside the workspace. Every route but the
-login page's and the health check needs a login (pipeline/viewer/gate.py); failed logins are
-throttled (CXR_AUTH_MAX_FAILURES, CXR_AUTH_MAX_FAILURES_PER_IP, CXR_AUTH_WINDOW_S; see auth.py).
+default .cxr/users.json; `python -m pipeline.viewer.auth add NAME`); the resource limits of
+pipeline/viewer/limits.py (upload size, pixels, bodies, deadlines, connections, analyses in flight,
+trusted proxies). Gradio runs with analytics off, no share link, no `allowed_paths` (the workspace
+is blocked outright), uploads capped by `max_file_size`, files never analysed deleted after
+CXR_UPLOAD_TTL_S, and its temp dir in a private folder outside the workspace (tempdir.py). The
+Blocks are marked launched, so Gradio's own path check is in force: an event can name only a file
+in that folder. Every route but the login page's and the health check needs a login
+(pipeline/viewer/gate.py); failed logins are throttled (CXR_AUTH_*; see auth.py).
 """
 from __future__ import annotations
 
 import logging
 import os
 import sys
-import tempfile
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -25,19 +26,21 @@ AUTH_MESSAGE = "Chest X-ray viewer — research tool, not a medical device."
 
 
 def _private_temp_dir() -> str:
-    """Gradio stores uploads in GRADIO_TEMP_DIR: give it a private (0700) folder outside the workspace."""
-    if not os.environ.get("GRADIO_TEMP_DIR"):
-        import atexit
-        import shutil
+    """Gradio stores uploads in GRADIO_TEMP_DIR: give it a private (0700) folder of this process's own,
+    inside the folder GRADIO_TEMP_DIR names (or the system temp dir), before Gradio is imported."""
+    import atexit
 
-        path = tempfile.mkdtemp(prefix="cxr-viewer-")
-        atexit.register(shutil.rmtree, path, ignore_errors=True)
-        os.environ["GRADIO_TEMP_DIR"] = path
-    return os.environ["GRADIO_TEMP_DIR"]
+    from pipeline.viewer import tempdir
+
+    path = str(tempdir.make_private_dir(os.environ.get("CXR_TEMP_BASE") or os.environ.get("GRADIO_TEMP_DIR")))
+    os.environ.setdefault("CXR_TEMP_BASE", str(Path(path).parent))   # a second app in this process: same base
+    os.environ["GRADIO_TEMP_DIR"] = path
+    atexit.register(tempdir.remove, path)   # a normal exit; signals: pipeline/viewer/server.py
+    return path
 
 
 def create_app(root: str | os.PathLike = ".", users=None, *, max_upload_mb: float | None = None,
-               queue_size: int | None = None):
+               queue_size: int | None = None, limits=None):
     os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("GRADIO_SSR_MODE", "False")
@@ -50,10 +53,11 @@ def create_app(root: str | os.PathLike = ".", users=None, *, max_upload_mb: floa
     from starlette.routing import Mount
 
     from pipeline.viewer.api import install_error_handlers, router
-    from pipeline.viewer.auth import LoginThrottle, Users
+    from pipeline.viewer.auth import LoginThrottle, TooManyFailures, Users, log_in
     from pipeline.viewer.card import model_card
     from pipeline.viewer.engine import Engine, NoModel
     from pipeline.viewer.gate import Gate, client_address
+    from pipeline.viewer.limits import Limits
     from pipeline.viewer.ui import CSS, build_ui
 
     root = Path(root).resolve()
@@ -62,10 +66,10 @@ def create_app(root: str | os.PathLike = ".", users=None, *, max_upload_mb: floa
     if not users:
         raise SystemExit("error: no viewer users: set CXR_USERS='name:password' (demo) or add one with "
                          "`python -m pipeline.viewer.auth add NAME`")
-    max_mb = float(max_upload_mb or os.environ.get("CXR_MAX_UPLOAD_MB") or 20)
-    max_bytes = int(max_mb * 1024 * 1024)
+    limits = limits or Limits.from_env(max_upload_mb=max_upload_mb, queue_size=queue_size)
+    max_bytes = limits.max_upload_bytes
     throttle = LoginThrottle.from_env()
-    engine = Engine(root)
+    engine = Engine(root, max_pixels=limits.max_pixels)
     try:
         engine.load()   # once, at start; a model trained later is picked up on the next request
     except NoModel as err:
@@ -88,22 +92,21 @@ def create_app(root: str | os.PathLike = ".", users=None, *, max_upload_mb: floa
         log.error("internal error: %s", type(exc).__name__)
         return JSONResponse({"error": "internal error"}, status_code=500)
 
-    app.include_router(router(engine, users, max_bytes, card, throttle))
+    app.include_router(router(engine, users, max_bytes, card, throttle, limits.max_inflight))
 
-    def gradio_login(name: str, password: str) -> bool:
-        """The Gradio login form's check, throttled like the REST API's (429 while locked out)."""
-        client = client_address()
-        wait = throttle.retry_after(client, name)
-        if wait is not None:
-            raise HTTPException(429, detail=f"too many failed logins: try again in {wait} s",
-                                headers={"Retry-After": str(wait)})
-        if users.check(name, password):
-            return True
-        throttle.failed(client, name)
-        return False
+    async def gradio_login(name: str, password: str) -> bool:
+        """The Gradio login form's check, the REST API's (429 while locked out); Gradio awaits it on the
+        event loop, so the scrypt runs in a worker thread."""
+        from starlette.concurrency import run_in_threadpool
 
-    demo = build_ui(engine, card)
-    demo.queue(default_concurrency_limit=1, max_size=int(queue_size or os.environ.get("CXR_QUEUE_SIZE") or 32))
+        try:
+            return await run_in_threadpool(log_in, users, throttle, client_address(), name, password)
+        except TooManyFailures as err:
+            raise HTTPException(429, detail=str(err), headers={"Retry-After": str(err.retry_after)}) from None
+
+    ttl = limits.upload_ttl_s
+    demo = build_ui(engine, card, max_bytes=max_bytes, delete_cache=(max(1, int(min(60.0, ttl / 2))), max(1, int(ttl))))
+    demo.queue(default_concurrency_limit=1, max_size=limits.queue_size)
     app = gr.mount_gradio_app(
         app, demo, path="/", auth=gradio_login, auth_message=AUTH_MESSAGE,
         allowed_paths=None, blocked_paths=[str(root)], max_file_size=max_bytes, show_error=False,
@@ -111,25 +114,28 @@ def create_app(root: str | os.PathLike = ".", users=None, *, max_upload_mb: floa
         app_kwargs={"docs_url": None, "redoc_url": None, "openapi_url": None}, theme=gr.themes.Default(), css=CSS,
         server_name=os.environ.get("CXR_HOST", DEFAULT_HOST),
         server_port=int(os.environ.get("CXR_PORT", DEFAULT_PORT)))
+    # mount_gradio_app, unlike launch(), leaves the Blocks unmarked, and Gradio skips its check of the
+    # paths an event names (upload folder only, blocked_paths) for Blocks that never launched
+    demo.has_launched = True
     gradio_app = next(r.app for r in app.routes if isinstance(r, Mount) and hasattr(r.app, "tokens"))
-    app.add_middleware(Gate, gradio_app=gradio_app, auth_message=AUTH_MESSAGE)
-    app.state.engine, app.state.temp_dir, app.state.throttle = engine, temp_dir, throttle
+    app.add_middleware(Gate, gradio_app=gradio_app, auth_message=AUTH_MESSAGE, limits=limits)
+    app.state.engine, app.state.temp_dir, app.state.throttle, app.state.limits = engine, temp_dir, throttle, limits
     return app
 
 
 def main() -> None:
-    import uvicorn
+    from pipeline.viewer import tempdir
+    from pipeline.viewer.server import serve
 
     logging.basicConfig(level=os.environ.get("CXR_LOG_LEVEL", "INFO"),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     host, port = os.environ.get("CXR_HOST", DEFAULT_HOST), int(os.environ.get("CXR_PORT", DEFAULT_PORT))
     try:
         app = create_app(os.environ.get("CXR_ROOT", "."))
-    except ValueError as err:  # a malformed CXR_USERS
+    except ValueError as err:  # a malformed CXR_USERS or limit
         sys.exit(f"error: {err}")
     log.info("viewer on http://%s:%d/ (API under /api/v1)", host, port)
-    # access log off: request lines would carry nothing identifying, but there is no need for them
-    uvicorn.run(app, host=host, port=port, log_level="warning", access_log=False)
+    serve(app, host, port, app.state.limits, cleanup=lambda: tempdir.remove(app.state.temp_dir))
 
 
 if __name__ == "__main__":

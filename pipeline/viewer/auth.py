@@ -6,13 +6,18 @@ random salt per user, and add users with
 
     python -m pipeline.viewer.auth add NAME          # asks for the password twice
 
-Both sources may be used at once. Passwords are compared in constant time.
+Both sources may be used at once. Passwords are compared in constant time, and every failed check
+costs one scrypt whether the name exists or not (an unknown name is checked against a dummy hash),
+so response times do not tell which names are users.
 
 Failed logins are throttled (`LoginThrottle`, shared by the REST API and the Gradio login): after
 $CXR_AUTH_MAX_FAILURES (5) failures for one user name, or $CXR_AUTH_MAX_FAILURES_PER_IP (20) from one
 client address, within $CXR_AUTH_WINDOW_S (300) seconds, every further attempt from that client or
 for that name, right or wrong, is refused (HTTP 429 with Retry-After) until the oldest of those
 failures is older than the window. Refused attempts are not counted, so a lock-out ends on its own.
+A user name's lock does not apply to a client address that has logged in as that user before (within
+$CXR_AUTH_REMEMBER_S, 30 days): anyone can lock a known name out, but not away from the desk its
+owner uses; a guesser at a new address is still locked, and the per-address limit applies to all.
 """
 from __future__ import annotations
 
@@ -39,6 +44,7 @@ DEFAULT_USERS_FILE = Path(".cxr") / "users.json"
 _SCRYPT = {"n": 2 ** 14, "r": 8, "p": 1}
 MAX_FAILURES_ENV, MAX_FAILURES_PER_IP_ENV, WINDOW_ENV = ("CXR_AUTH_MAX_FAILURES", "CXR_AUTH_MAX_FAILURES_PER_IP",
                                                          "CXR_AUTH_WINDOW_S")
+REMEMBER_ENV = "CXR_AUTH_REMEMBER_S"
 
 
 def hash_password(password: str, salt: bytes | None = None) -> str:
@@ -81,6 +87,8 @@ class Users:
     # HTTP Basic with every request does not pay a ~50 ms scrypt each time (the key lives in memory only)
     _key: bytes = field(default_factory=lambda: secrets.token_bytes(32), repr=False)
     _verified: set = field(default_factory=set, repr=False)
+    # what a wrong name is checked against, so that it costs what a wrong password costs
+    _dummy: str = field(default_factory=lambda: hash_password(secrets.token_urlsafe(16)), repr=False)
 
     @classmethod
     def load(cls, users_file: str | os.PathLike | None = None) -> "Users":
@@ -92,19 +100,20 @@ class Users:
         return bool(self.plain or self.hashed)
 
     def check(self, name: str | None, password: str | None) -> bool:
-        if not name or password is None:
-            return False
-        ok = False
-        if name in self.plain:
-            ok = hmac.compare_digest(self.plain[name].encode(), password.encode())
-        if not ok and name in self.hashed:
+        """Blocking (one scrypt unless the credential was verified before): call it off the event loop."""
+        name, password = name or "", password if password is not None else ""
+        if name in self.plain and hmac.compare_digest(self.plain[name].encode(), password.encode()):
+            return True
+        if name in self.hashed:
             token = hmac.new(self._key, f"{name}\0{password}\0{self.hashed[name]}".encode(), "sha256").digest()
             if token in self._verified:
                 return True
             ok = verify_password(password, self.hashed[name])
             if ok and len(self._verified) < 1024:
                 self._verified.add(token)
-        return ok
+            return ok
+        verify_password(password, self._dummy)   # unknown name (or a wrong demo password): the same cost
+        return False
 
 
 class LoginThrottle:
@@ -116,13 +125,14 @@ class LoginThrottle:
     """
 
     def __init__(self, max_failures: int = 5, window_s: float = 300.0, max_failures_per_ip: int | None = None,
-                 clock=time.monotonic, max_keys: int = 10_000):
+                 clock=time.monotonic, max_keys: int = 10_000, remember_s: float = 30 * 86400.0):
         if max_failures < 1 or window_s <= 0:
             raise ValueError("the login throttle needs max_failures >= 1 and window_s > 0")
         self.max_failures, self.window_s = int(max_failures), float(window_s)
         self.max_failures_per_ip = int(max_failures_per_ip or 4 * max_failures)
-        self.clock, self.max_keys = clock, max_keys
+        self.clock, self.max_keys, self.remember_s = clock, max_keys, float(remember_s)
         self._failures: dict[tuple[str, str], deque] = {}
+        self._known: dict[tuple[str, str], float] = {}   # (client, user key) -> time of its last good login
         self._lock = threading.Lock()
 
     @classmethod
@@ -138,13 +148,39 @@ class LoginThrottle:
             return value
 
         per_user = int(number(MAX_FAILURES_ENV, 5))
-        return cls(per_user, number(WINDOW_ENV, 300.0), int(number(MAX_FAILURES_PER_IP_ENV, 4 * per_user)))
+        return cls(per_user, number(WINDOW_ENV, 300.0), int(number(MAX_FAILURES_PER_IP_ENV, 4 * per_user)),
+                   remember_s=number(REMEMBER_ENV, 30 * 86400.0))
+
+    @staticmethod
+    def _client(client: str | None) -> str:
+        return (client or "unknown")[:64]
+
+    @staticmethod
+    def _user(name: str) -> str:
+        return hashlib.sha256(name.encode("utf-8", "replace")).hexdigest()[:32]  # any length costs a few bytes
 
     def _keys(self, client: str | None, name: str | None) -> list[tuple[tuple[str, str], int]]:
-        keys = [(("ip", (client or "unknown")[:64]), self.max_failures_per_ip)]
-        if name:  # hashed: a name of any length costs the same few bytes
-            keys.append((("user", hashlib.sha256(name.encode("utf-8", "replace")).hexdigest()[:32]), self.max_failures))
+        keys = [(("ip", self._client(client)), self.max_failures_per_ip)]
+        if name:
+            keys.append((("user", self._user(name)), self.max_failures))
         return keys
+
+    def _known_client(self, client: str | None, name: str | None, now: float) -> bool:
+        seen = self._known.get((self._client(client), self._user(name))) if name else None
+        return seen is not None and now - seen < self.remember_s
+
+    def succeeded(self, client: str | None, name: str) -> None:
+        """Remember that `client` logged in as `name`: that user's lock will not apply to it."""
+        now = self.clock()
+        with self._lock:
+            if len(self._known) >= self.max_keys:
+                for key in [k for k, t in self._known.items() if now - t >= self.remember_s]:
+                    del self._known[key]
+                while len(self._known) >= self.max_keys:
+                    del self._known[next(iter(self._known))]
+            key = (self._client(client), self._user(name))
+            self._known.pop(key, None)   # re-inserted last: the dict's order is the age order
+            self._known[key] = now
 
     def _recent(self, key: tuple[str, str], now: float) -> deque | None:
         times = self._failures.get(key)
@@ -159,7 +195,10 @@ class LoginThrottle:
         now = self.clock()
         wait = 0.0
         with self._lock:
+            known = self._known_client(client, name, now)
             for key, limit in self._keys(client, name):
+                if known and key[0] == "user":
+                    continue   # the user's own desk: only its address's limit applies
                 times = self._recent(key, now)
                 if times is not None and len(times) >= limit:
                     # the attempt may go ahead once the failures in the window are fewer than the limit
@@ -180,6 +219,30 @@ class LoginThrottle:
                 times.append(now)
                 while len(times) > limit:  # only the last `limit` failures matter
                     times.popleft()
+
+
+class TooManyFailures(Exception):
+    """A login attempt refused by the throttle; `retry_after` whole seconds until one may go ahead."""
+
+    def __init__(self, retry_after: int):
+        super().__init__(f"too many failed logins: try again in {retry_after} s")
+        self.retry_after = retry_after
+
+
+def log_in(users: Users, throttle: LoginThrottle, client: str | None, name: str | None, password: str | None) -> bool:
+    """The one login check behind both doors (REST and Gradio): throttled, verified, outcome recorded.
+
+    Blocking (scrypt): run it off the event loop. Raises TooManyFailures while locked out."""
+    wait = throttle.retry_after(client, name)
+    if wait is not None:
+        raise TooManyFailures(wait)
+    if name and users.check(name, password):
+        throttle.succeeded(client, name)
+        return True
+    if not name:
+        users.check("", password or "")   # a malformed credential costs what a wrong one does
+    throttle.failed(client, name or None)
+    return False
 
 
 def read_users_file(path: str | os.PathLike) -> dict[str, str]:

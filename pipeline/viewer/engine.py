@@ -31,6 +31,7 @@ from pipeline.data.transforms import NORMALISATION, to_model_input
 from pipeline.io import read_json
 from pipeline.metrics.localization import energy_share
 from pipeline.models.checkpoint import MODEL_FILE, CheckpointError, file_sha256, load_model
+from pipeline.viewer.limits import VIEWER_MAX_PIXELS
 
 log = logging.getLogger(__name__)
 
@@ -98,7 +99,7 @@ class Engine:
         self.root = Path(root).resolve()
         self.paths = Paths(self.root)
         self.params = self._params()
-        self.max_pixels = int(max_pixels or os.environ.get("CXR_MAX_PIXELS") or self.params.data.max_pixels)
+        self.max_pixels = int(max_pixels or os.environ.get("CXR_MAX_PIXELS") or VIEWER_MAX_PIXELS)
         self.cam_method = cam_method or self.params.cam.method
         self.want_baseline = baseline
         self._lock = threading.RLock()   # analyses one at a time; a model swap waits for them
@@ -110,6 +111,7 @@ class Engine:
         self.latest_info: dict = {}
         self.error: str | None = None
         self._loaded_stamp: tuple[int, int] | None = None
+        self._failed_stamp: tuple[int, int] | None = None   # latest.json as it was when loading it failed
 
     def _params(self) -> Params:
         path = self.root / "params.yaml"
@@ -150,6 +152,8 @@ class Engine:
                 return
             if stamp is None:
                 raise NoModel(HOW_TO_TRAIN)
+            if self.latest is None and stamp == self._failed_stamp:
+                raise NoModel(f"{self.error}. {HOW_TO_TRAIN}")   # the same broken file: do not load it again
             try:
                 info = read_json(self.paths.latest)
                 latest = self._serve(self.root / info["checkpoint"])
@@ -171,11 +175,13 @@ class Engine:
                                 "still serving cycle %d", err, self.latest.cycle)
                     self._loaded_stamp = stamp
                     return
-                self.error = f"the served model could not be loaded ({err})"
+                # the detail (it names files) goes to the log; what callers see names no path
+                log.warning("the served model could not be loaded: %s", err)
+                self.error, self._failed_stamp = "the served model could not be loaded (see the viewer's log)", stamp
                 raise NoModel(f"{self.error}. {HOW_TO_TRAIN}") from None
             with self._lock:  # never swap models under a running analysis
                 self.latest_info, self.baseline, self.unet, self.unet_meta = info, baseline, unet, unet_meta
-                self.latest, self._loaded_stamp = latest, stamp
+                self.latest, self._loaded_stamp, self._failed_stamp, self.error = latest, stamp, None, None
             log.info("serving cycle %d (%s) with cycle %s beside it", latest.cycle, latest.meta["arch"],
                      baseline.cycle if baseline else "-")
 
@@ -189,9 +195,12 @@ class Engine:
         return served
 
     # -- analysis --------------------------------------------------------------------------------
-    def prepare(self, data: bytes) -> tuple[np.ndarray, dict]:
-        """File bytes -> (uint8 S x S as training saw it, non-identifying facts about the file)."""
-        self.load()
+    def prepare(self, data: bytes, served: Served | None = None) -> tuple[np.ndarray, dict]:
+        """File bytes -> (uint8 S x S as `served` (default: the latest model) saw it in training,
+        non-identifying facts about the file)."""
+        if served is None:
+            self.load()
+            served = self.latest
         try:
             decoded = decode(data, max_pixels=self.max_pixels, id_salt="")
         except DecodeError as err:
@@ -207,39 +216,37 @@ class Engine:
             raise ImageError(f"image of {px.shape[1]}x{px.shape[0]} pixels is too small")
         if not np.isfinite(px).all():
             raise ImageError("the image holds non-finite pixel values")
-        data_p = self._data_params()
-        image, _ = fit_square(px, data_p)
+        image, _ = fit_square(px, self.params.data.model_copy(update={"image_size": int(served.meta["image_size"])}))
         return image, {"format": decoded.format, "view": decoded.view,
                        "width": int(px.shape[1]), "height": int(px.shape[0])}
-
-    def _data_params(self) -> DataParams:
-        size = int(self.latest.meta["image_size"])
-        return self.params.data.model_copy(update={"image_size": size})
 
     def analyse(self, data: bytes, baseline: bool = True) -> Analysis:
         t0 = time.perf_counter()
         self.load()   # a newly trained model is picked up here, before the analysis starts
         with self._lock:
+            # everything read from the served model is read under the lock: a hot reload swaps models
+            # (and their labels and thresholds) only between analyses
+            served = self.latest
+            labels, thresholds = list(served.meta["labels"]), [float(t) for t in served.meta["thresholds"]]
             t1 = time.perf_counter()
-            image, source = self.prepare(data)   # at the image size of the model that runs
+            image, source = self.prepare(data, served)   # at the image size of the model that runs
             t2 = time.perf_counter()
-            latest = self._run(self.latest, image)
+            latest = self._run(served, image)
             t3 = time.perf_counter()
             base = None
             if baseline and self.baseline is not None:
-                base = latest if self.baseline is self.latest else self._run(self.baseline, image)
+                base = latest if self.baseline is served else self._run(self.baseline, image)
             t4 = time.perf_counter()
             mask = self._mask(image)
             t5 = time.perf_counter()
         for result in (latest, base):
             if result is not None:
-                result.shares = self._shares(result.cams, mask)
+                result.shares = self._shares(result.cams, mask, labels)
         t6 = time.perf_counter()
         ms = lambda a, b: round((b - a) * 1000, 2)  # noqa: E731
         timings = {"wait": ms(t0, t1), "decode": ms(t1, t2), "latest": ms(t2, t3), "baseline": ms(t3, t4),
                    "unet": ms(t4, t5), "shares": ms(t5, t6), "total": ms(t0, t6)}
-        return Analysis(image, list(self.latest.meta["labels"]), [float(t) for t in self.latest.meta["thresholds"]],
-                        latest, base, mask, source, timings)
+        return Analysis(image, labels, thresholds, latest, base, mask, source, timings)
 
     def _run(self, served: Served, image: np.ndarray) -> ModelResult:
         x = to_model_input(image[None], served.meta.get("normalisation", NORMALISATION))
@@ -259,11 +266,12 @@ class Engine:
 
         return predict_masks(self.unet, image[None], int(self.unet_meta.get("size", 64)), image.shape[-1])[0]
 
-    def _shares(self, cams: np.ndarray, mask: np.ndarray | None) -> list[float | None]:
+    @staticmethod
+    def _shares(cams: np.ndarray, mask: np.ndarray | None, labels: list[str]) -> list[float | None]:
         if mask is None:
             return [None] * len(cams)
         out = []
-        for k, label in enumerate(self.latest.meta["labels"]):
+        for k, label in enumerate(labels):
             share = energy_share(cams[k], decode_anatomy(mask, anatomy_of_label(label)))
             out.append(None if share is None else round(float(share), 4))
         return out

@@ -3,7 +3,10 @@ shortcut warning, model card, phantom examples.
 
 Every picture is an inline data URI inside HTML, so Gradio writes no output image to its cache;
 the uploaded file itself (Gradio stores uploads in its private temp dir) is deleted as soon as it
-has been read. Label switches re-render from the session's state: all labels' heatmaps came from
+has been read. An upload event reads only a regular file inside that folder, within the size limit
+(`uploaded_file`): a path an event names is the client's word, and Gradio's own check of it
+applies only to launched Blocks. Every refusal gets the same message, so it tells no one whether a
+path exists. Label switches re-render from the session's state: all labels' heatmaps came from
 the one pass made at upload.
 """
 from __future__ import annotations
@@ -37,18 +40,40 @@ CSS = """
 """
 
 
+def _upload_dir() -> Path:
+    return Path(os.environ.get("GRADIO_TEMP_DIR") or Path(os.environ.get("TMPDIR", "/tmp")) / "gradio").resolve()
+
+
+def uploaded_file(path: str, max_bytes: int) -> Path | None:
+    """`path` if it is a regular file (not a link) inside the upload folder, of at most `max_bytes`; else None."""
+    try:
+        p = Path(path)
+        if not p.is_absolute() or p.is_symlink() or _upload_dir() not in p.resolve(strict=True).parents:
+            return None
+        st = p.lstat()
+    except (OSError, ValueError, RuntimeError):
+        return None
+    import stat
+
+    return p if stat.S_ISREG(st.st_mode) and 0 < st.st_size <= max_bytes else None
+
+
 def _remove_upload(path: str | None) -> None:
     """Delete Gradio's stored copy of an upload (only ever inside Gradio's own temp dir)."""
     if not path:
         return
-    upload_dir = Path(os.environ.get("GRADIO_TEMP_DIR") or Path(os.environ.get("TMPDIR", "/tmp")) / "gradio").resolve()
-    p = Path(path).resolve()
-    if upload_dir in p.parents:
-        p.unlink(missing_ok=True)
-        try:
-            p.parent.rmdir()
-        except OSError:
-            pass
+    upload_dir = _upload_dir()
+    try:
+        p = Path(path)
+        if p.is_symlink() or upload_dir not in p.resolve().parents:
+            return
+    except (OSError, ValueError, RuntimeError):
+        return
+    p.unlink(missing_ok=True)
+    try:
+        p.parent.rmdir()
+    except OSError:
+        pass
 
 
 def _pct(v) -> str:
@@ -108,7 +133,11 @@ def heatmaps_html(a: Analysis, label: str | None) -> str:
             "<p><small>A heatmap shows where the model's evidence lies; it is not a lesion outline.</small></p>")
 
 
-def build_ui(engine: Engine, card_fn, title: str = "CXR refine — viewer") -> gr.Blocks:
+UNREADABLE = "**Cannot read the uploaded file.**"
+
+
+def build_ui(engine: Engine, card_fn, title: str = "CXR refine — viewer", *, max_bytes: int = 20 << 20,
+             delete_cache: tuple[int, int] | None = None) -> gr.Blocks:
     example_list = examples()
     example_titles = {e.title: e for e in example_list}
 
@@ -137,11 +166,14 @@ def build_ui(engine: Engine, card_fn, title: str = "CXR refine — viewer") -> g
         if not path:
             return None, "", gr.update(), "", "", gr.update()
         try:
-            data = Path(path).read_bytes()
+            checked = uploaded_file(path, max_bytes)
+            data = checked.read_bytes() if checked is not None else None
         except OSError:
-            return None, "", gr.update(), "", "**Cannot read the uploaded file.**", None
+            data = None
         finally:
             _remove_upload(path)
+        if data is None:
+            return None, "", gr.update(), "", UNREADABLE, None
         return (*run(data), None)  # the stored upload is gone: clear the component (no dangling link)
 
     def on_example(title: str | None):
@@ -153,7 +185,7 @@ def build_ui(engine: Engine, card_fn, title: str = "CXR refine — viewer") -> g
     def on_label(label: str | None, a: Analysis | None):
         return heatmaps_html(a, label) if a is not None and label else ""
 
-    with gr.Blocks(title=title, analytics_enabled=False) as demo:
+    with gr.Blocks(title=title, analytics_enabled=False, delete_cache=delete_cache) as demo:
         gr.Markdown(f"## Chest X-ray viewer\n<p class='cxr-notice'>{esc(NOTICE)}</p>")
         state = gr.State(None)
         with gr.Row():
