@@ -32,8 +32,10 @@ def _private_temp_dir() -> str:
 
     from pipeline.viewer import tempdir
 
-    path = str(tempdir.make_private_dir(os.environ.get("CXR_TEMP_BASE") or os.environ.get("GRADIO_TEMP_DIR")))
-    os.environ.setdefault("CXR_TEMP_BASE", str(Path(path).parent))   # a second app in this process: same base
+    base = os.environ.get("GRADIO_TEMP_DIR")
+    if base and tempdir.is_own(base):   # a second app in this process: a sibling of the first one's folder
+        base = str(Path(base).parent)
+    path = str(tempdir.make_private_dir(base))
     os.environ["GRADIO_TEMP_DIR"] = path
     atexit.register(tempdir.remove, path)   # a normal exit; signals: pipeline/viewer/server.py
     return path

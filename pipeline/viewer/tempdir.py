@@ -36,6 +36,12 @@ def process_start(pid: int) -> int | None:
         return None
 
 
+def is_own(path: str | os.PathLike) -> bool:
+    """Is `path` a viewer folder made by this process?"""
+    m = _OWNED.match(Path(path).name)
+    return m is not None and int(m.group(1)) == os.getpid()
+
+
 def _owner_alive(name: str, now: float, mtime: float) -> bool:
     m = _OWNED.match(name)
     if m is None:   # an older viewer's folder: no owner in its name
