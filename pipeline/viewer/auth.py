@@ -37,6 +37,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from pipeline.io import write_text
+from pipeline.viewer.limits import env_number
 
 USERS_ENV = "CXR_USERS"
 USERS_FILE_ENV = "CXR_USERS_FILE"
@@ -137,19 +138,10 @@ class LoginThrottle:
 
     @classmethod
     def from_env(cls) -> "LoginThrottle":
-        def number(name: str, default: float) -> float:
-            raw = os.environ.get(name, "").strip()
-            try:
-                value = float(raw) if raw else default
-            except ValueError:
-                raise ValueError(f"{name} must be a number, got {raw!r}") from None
-            if value <= 0:
-                raise ValueError(f"{name} must be positive, got {raw!r}")
-            return value
-
-        per_user = int(number(MAX_FAILURES_ENV, 5))
-        return cls(per_user, number(WINDOW_ENV, 300.0), int(number(MAX_FAILURES_PER_IP_ENV, 4 * per_user)),
-                   remember_s=number(REMEMBER_ENV, 30 * 86400.0))
+        per_user = int(env_number(MAX_FAILURES_ENV, 5))
+        return cls(per_user, env_number(WINDOW_ENV, 300.0),
+                   int(env_number(MAX_FAILURES_PER_IP_ENV, 4 * per_user)),
+                   remember_s=env_number(REMEMBER_ENV, 30 * 86400.0))
 
     @staticmethod
     def _client(client: str | None) -> str:

@@ -33,14 +33,15 @@ MULTIPART_SLACK = 64 * 1024   # multipart framing around one file
 VIEWER_MAX_PIXELS = 20_000_000
 
 
-def _number(name: str, default: float, minimum: float = 0.0) -> float:
+def env_number(name: str, default: float) -> float:
+    """$name as a finite number above 0 (`default` when unset); a clear error naming the variable."""
     raw = os.environ.get(name, "").strip()
     try:
         value = float(raw) if raw else float(default)
     except ValueError:
         raise ValueError(f"{name} must be a number, got {raw!r}") from None
-    if not math.isfinite(value) or value <= minimum:
-        raise ValueError(f"{name} must be a number above {minimum:g}, got {raw!r}")
+    if not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{name} must be a positive number, got {raw!r}")
     return value
 
 
@@ -63,16 +64,16 @@ class Limits:
         d = cls()
         proxies = tuple(p.strip() for p in os.environ.get("CXR_TRUSTED_PROXIES", "").split(",") if p.strip())
         return cls(
-            max_upload_bytes=int((max_upload_mb or _number("CXR_MAX_UPLOAD_MB", d.max_upload_bytes / MB)) * MB),
-            max_pixels=int(_number("CXR_MAX_PIXELS", d.max_pixels)),
-            files_per_upload=int(_number("CXR_MAX_FILES_PER_UPLOAD", d.files_per_upload)),
-            anonymous_body_bytes=int(_number("CXR_ANON_BODY_BYTES", d.anonymous_body_bytes)),
-            max_inflight=int(_number("CXR_MAX_INFLIGHT", d.max_inflight)),
-            queue_size=int(queue_size or _number("CXR_QUEUE_SIZE", d.queue_size)),
-            header_timeout_s=_number("CXR_HEADER_TIMEOUT_S", d.header_timeout_s),
-            body_timeout_s=_number("CXR_BODY_TIMEOUT_S", d.body_timeout_s),
-            max_connections=int(_number("CXR_MAX_CONNECTIONS", d.max_connections)),
-            upload_ttl_s=_number("CXR_UPLOAD_TTL_S", d.upload_ttl_s),
+            max_upload_bytes=int((max_upload_mb or env_number("CXR_MAX_UPLOAD_MB", d.max_upload_bytes / MB)) * MB),
+            max_pixels=int(env_number("CXR_MAX_PIXELS", d.max_pixels)),
+            files_per_upload=int(env_number("CXR_MAX_FILES_PER_UPLOAD", d.files_per_upload)),
+            anonymous_body_bytes=int(env_number("CXR_ANON_BODY_BYTES", d.anonymous_body_bytes)),
+            max_inflight=int(env_number("CXR_MAX_INFLIGHT", d.max_inflight)),
+            queue_size=int(queue_size or env_number("CXR_QUEUE_SIZE", d.queue_size)),
+            header_timeout_s=env_number("CXR_HEADER_TIMEOUT_S", d.header_timeout_s),
+            body_timeout_s=env_number("CXR_BODY_TIMEOUT_S", d.body_timeout_s),
+            max_connections=int(env_number("CXR_MAX_CONNECTIONS", d.max_connections)),
+            upload_ttl_s=env_number("CXR_UPLOAD_TTL_S", d.upload_ttl_s),
             trusted_proxies=proxies)
 
     @property

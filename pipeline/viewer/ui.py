@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import html
 import logging
-import os
 from pathlib import Path
 
 import gradio as gr
@@ -40,34 +39,34 @@ CSS = """
 """
 
 
-def _upload_dir() -> Path:
-    return Path(os.environ.get("GRADIO_TEMP_DIR") or Path(os.environ.get("TMPDIR", "/tmp")) / "gradio").resolve()
+def _in_upload_dir(path: str) -> Path | None:
+    """`path` when it names something inside Gradio's upload folder that is not a link, else None."""
+    from gradio.utils import get_upload_folder
+
+    try:
+        p = Path(path)
+        inside = p.is_absolute() and not p.is_symlink() and Path(get_upload_folder()).resolve() in p.resolve().parents
+    except (OSError, ValueError, RuntimeError):
+        return None
+    return p if inside else None
 
 
 def uploaded_file(path: str, max_bytes: int) -> Path | None:
     """`path` if it is a regular file (not a link) inside the upload folder, of at most `max_bytes`; else None."""
-    try:
-        p = Path(path)
-        if not p.is_absolute() or p.is_symlink() or _upload_dir() not in p.resolve(strict=True).parents:
-            return None
-        st = p.lstat()
-    except (OSError, ValueError, RuntimeError):
-        return None
     import stat
 
-    return p if stat.S_ISREG(st.st_mode) and 0 < st.st_size <= max_bytes else None
+    p = _in_upload_dir(path)
+    try:
+        st = p.lstat() if p is not None else None
+    except OSError:
+        return None
+    return p if st is not None and stat.S_ISREG(st.st_mode) and 0 < st.st_size <= max_bytes else None
 
 
 def _remove_upload(path: str | None) -> None:
     """Delete Gradio's stored copy of an upload (only ever inside Gradio's own temp dir)."""
-    if not path:
-        return
-    upload_dir = _upload_dir()
-    try:
-        p = Path(path)
-        if p.is_symlink() or upload_dir not in p.resolve().parents:
-            return
-    except (OSError, ValueError, RuntimeError):
+    p = _in_upload_dir(path) if path else None
+    if p is None:
         return
     p.unlink(missing_ok=True)
     try:
