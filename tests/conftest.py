@@ -53,6 +53,27 @@ def make_project(dest: Path, params: dict) -> Path:
     return dest
 
 
+def real_data_root() -> Path | None:
+    """The folder of real radiographs (``kermany-224/``, ``jsrt-scr/``): ``$CXR_REAL_DATA``, else
+    ``../shared/data`` beside the repository; None when it is not there."""
+    root = Path(os.environ.get("CXR_REAL_DATA") or ROOT.parent / "shared" / "data")
+    return root if (root / "kermany-224").is_dir() and (root / "jsrt-scr").is_dir() else None
+
+
+@pytest.fixture(scope="session")
+def real_data() -> Path:
+    """The real radiographs; a test that needs them fails under CI (``CI`` set) when they are missing,
+    and is skipped elsewhere."""
+    root = real_data_root()
+    if root is None:
+        where = os.environ.get("CXR_REAL_DATA") or ROOT.parent / "shared" / "data"
+        message = f"real radiographs not found at {where} (set CXR_REAL_DATA; see README, Real datasets)"
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
+    return root
+
+
 @pytest.fixture(scope="session")
 def prefect_harness(tmp_path_factory):
     os.environ["PREFECT_HOME"] = str(tmp_path_factory.mktemp("prefect_home"))

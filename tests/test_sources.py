@@ -123,7 +123,8 @@ def test_kermany_labels_patients_and_splits(built, default):
     for rel, f in facts["usable"].items():
         row = m.loc[rel]
         assert row["Pneumonia"] == (1.0 if f["cls"] == "PNEUMONIA" else 0.0)
-        assert row["patient_id"] == f["patient"] and row["view"] == "AP"
+        home = "train" if f["official"] == "val" else f["official"]  # the official val is folded into train
+        assert row["patient_id"] == f"{home}/{f['patient']}" and row["view"] == "AP"
         assert (row["pneumonia_type"] if f["type"] else None) == f["type"]
         if f["official"] == "test":
             assert row["split"] == "test"
@@ -134,8 +135,11 @@ def test_kermany_labels_patients_and_splits(built, default):
     assert val and val != official_val
     # the IM-NNNN-0001-0002 naming is the same patient as IM-NNNN-0001
     assert (m["patient_id"].str.count("-") <= 2).all() and m["image_id"].is_unique
-    # person1's train film is out; its test film is in
-    assert facts["leaked"] in set(prep.quarantine["source_path"]) and m.loc[facts["leaked_home"], "split"] == "test"
+    # person numbers restart per official split: person1 in train and person1 in test are two children,
+    # both kept, each in its own split
+    assert facts["leaked"] not in set(prep.quarantine["source_path"])
+    assert m.loc[facts["leaked"], "split"] in ("train", "val") and m.loc[facts["leaked_home"], "split"] == "test"
+    assert m.loc[facts["leaked"], "patient_id"] != m.loc[facts["leaked_home"], "patient_id"]
     # zip litter is neither read nor quarantined
     assert not any("__MACOSX" in p or "/." in p for p in [*m.index, *prep.quarantine["source_path"]])
 
@@ -156,6 +160,26 @@ def test_kermany_root_may_be_chest_xray(built, tmp_path):
     by_root = {r.image_id for r in materialise(source_module("kermany").records(make_params("kermany", root), ""))
                if not isinstance(r, Quarantined)}
     assert {r.image_id for r in kept} == by_root  # ids do not depend on which root was given
+
+
+def test_kermany_real_file_names_lose_no_film(real_data):
+    """On the real Kaggle names, person numbers restart per official split: 0 of 5,840 films left out,
+    and still no patient id spans two splits."""
+    root = real_data / "kermany-224" / "chest_xray"
+    recs = list(source_module("kermany").records(make_params("kermany", root), ""))
+    left_out = [r for r in recs if isinstance(r, Quarantined)]
+    assert len(recs) == 5840 and left_out == []
+    fields = [r.args[-1] for r in recs]  # listed, not decoded: Pending(load_image_record, (..., fields))
+    splits_of: dict = {}
+    for f in fields:
+        splits_of.setdefault(f["patient_id"], set()).add(f["split"])
+    assert all(len(s) == 1 for s in splits_of.values())
+    official = {f["image_id"].split("/")[0] for f in fields}
+    assert official == {"train", "test"}
+    # the 170 numbers shared by train and test are kept apart, as different children
+    shared = {p.split("/", 1)[1] for p in splits_of if p.startswith("test/")} & \
+             {p.split("/", 1)[1] for p in splits_of if p.startswith("train/")}
+    assert len({p for p in shared if p.startswith("person")}) == 170
 
 
 # -- cardiomegaly ----------------------------------------------------------------------------------

@@ -14,12 +14,18 @@ Patients, from the file name: ``person1_bacteria_1.jpeg`` and ``person1_virus_6.
 ``NORMAL2-IM-1427-0001.jpeg`` -> ``NORMAL2-IM-1427``; any other
 name -> its stem. The two naming schemes never collide, so normal and pneumonia patients stay apart.
 
+Person numbers restart in each official split: on the full dataset all 170 numbers found in both
+train and test name a different pneumonia type on each side (``person100_virus_184`` in train,
+``person100_bacteria_475`` in test), so they are different children. The patient id is therefore
+namespaced by the official folder a film is read from (``train/person100``, ``test/person100``), and
+no film is lost to a cross-split quarantine; a folded-in official ``val/`` counts as train (its films
+join the train pool, so a number shared with train stays one patient there). Sources whose ids are
+global (NIH, CheXpert, RSNA) keep the cross-split quarantine.
+
 Splits (always by patient): the official ``test/`` stays ``test``. The official ``val/`` holds only
 16 films, too few to select checkpoints on, so with ``kermany.resplit_val: true`` (the default) it
 is folded into train and ``val`` is drawn by patient from the pooled train patients with
-``data.split.val``; with ``resplit_val: false`` the official ``val/`` is kept as ``val``. A patient
-id found in more than one official folder keeps the highest of test > val > train; its films in
-the other folders are listed in reports/quarantine.csv instead of leaking across splits.
+``data.split.val``; with ``resplit_val: false`` the official ``val/`` is kept as ``val``.
 
 ``data.limit`` takes the first N files of an order that alternates between official folders and
 classes (each in sorted order), so that a quick look still has every split and both classes.
@@ -29,7 +35,7 @@ from __future__ import annotations
 import logging
 import re
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Iterator
 
@@ -108,12 +114,14 @@ def records(params: Params, salt: str = "") -> Iterator[Record | Quarantined]:
     def official(it: Item) -> str:
         return "train" if (it.official == "val" and params.kermany.resplit_val) else it.official
 
+    # ids are per official folder (see the module docstring), so no patient spans two of them
+    items = [replace(it, patient=f"{official(it)}/{it.patient}") for it in items]
     counts: Counter = Counter()
     def record(it, split):
         return image_record(root, it.rel, p, salt, image_id=it.image_id, patient_id=it.patient, split=split,
                             labels=labels_of(it.cls), meta={"pneumonia_type": it.pneumonia_type}, view=VIEW)
 
     yield from official_records(items, p, official, record, counts)
-    log.info("kermany: %d films of %d patients from %s listed (train %d, val %d, test %d; %d left out: patient in two splits; val %s)",
+    log.info("kermany: %d films of %d patients from %s listed (train %d, val %d, test %d; %d left out; val %s)",
              len(items), len({it.patient for it in items}), root, counts["train"], counts["val"], counts["test"],
              counts["quarantined"], "re-drawn from train" if params.kermany.resplit_val else "official")
