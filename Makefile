@@ -61,4 +61,4 @@ bench: $(STAMP)
 	$(BIN)/python -m benchmarks.run
 
 clean:  ## remove the pipeline's outputs (the DVC cache keeps them: `dvc repro` restores what is unchanged)
-	rm -rf data/prepared data/segment data/cams data/enhanced models/c* models/unet models/.resume models/latest.json reports/cycles reports/train reports/segment reports/enhance reports/figures reports/index.html reports/summary.json reports/sanity.json
+	rm -rf data/prepared data/segment data/audit data/cams data/enhanced models/c* models/unet models/.resume models/latest.json reports/cycles reports/train reports/segment reports/enhance reports/figures reports/index.html reports/summary.json reports/sanity.json

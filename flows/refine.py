@@ -97,7 +97,7 @@ def _cycles(root: str, params, address: str | None) -> dict:
         logger.info("shard tasks run on the Dask cluster at %s", address)
     paths = Paths(root)
     step = partial(repro.with_options(retries=params.flow.retries, retry_delay_seconds=2), dask_address=address)
-    for stage in ("prepare", "segment", "train_baseline", "evaluate_baseline"):
+    for stage in ("prepare", "segment", "audit", "train_baseline", "evaluate_baseline"):
         step(stage, root)
     history = [read_json(paths.cycle_metrics(0))]
     logger.info("cycle 0: %s", {k: history[-1].get(k) for k in TABLE_KEYS})

@@ -10,6 +10,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from pipeline.audit import marker_boxes, marker_scores
 from pipeline.cam.all_labels import AllLabelCAM
 from pipeline.cam.maps import resize, to_storage
 from pipeline.config import Params
@@ -30,9 +31,13 @@ SUMMARY_KEYS = ("cycle", "auroc_macro", "accuracy", "f1", "sensitivity", "specif
                 "pointing_game", "iou", "accuracy_shifted", "shortcut_gap", "faithfulness", "sanity_rank_corr")
 
 
+# with the shortcut audit on (pipeline/audit.py): where the audit label's heatmaps look on marked films
+AUDIT_KEYS = ("marker_pointing", "cam_on_marker")
+
+
 def headline(scores: dict) -> dict:
     """The scores `dvc metrics show/diff` compare across cycles and experiments (metrics.json)."""
-    return {k: scores.get(k) for k in (*SUMMARY_KEYS, "auroc_shifted")}
+    return {k: scores.get(k) for k in (*SUMMARY_KEYS, "auroc_shifted", *AUDIT_KEYS)}
 
 
 def _mean(values) -> float | None:
@@ -77,9 +82,11 @@ def localisation(cams: np.ndarray, anatomy: np.ndarray, targets: np.ndarray, ima
 
 
 def evaluate_cycle(model, meta: dict, params: Params, manifest: pd.DataFrame, boxes: pd.DataFrame,
-                   images: ArrayStore, masks: ArrayStore, grid_ids: list[str]) -> tuple[dict, dict]:
+                   images: ArrayStore, masks: ArrayStore, grid_ids: list[str],
+                   markers: pd.DataFrame | None = None) -> tuple[dict, dict]:
     """(scores, grid): every score of DESIGN.md for one model, JSON-ready (null where a dataset cannot
-    give a figure), and the fixed grid images' CAMs for the report."""
+    give a figure), and the fixed grid images' CAMs for the report. `markers`: the shortcut audit's
+    marker table, when the audit is on."""
     labels, arch = meta["labels"], meta["arch"]
     thresholds = np.asarray(meta["thresholds"], dtype=np.float64)
     ev = params.evaluate
@@ -109,6 +116,12 @@ def evaluate_cycle(model, meta: dict, params: Params, manifest: pd.DataFrame, bo
     loc = localisation(cams, masks.read(test_idx), label_matrix(manifest.iloc[test_idx], labels),
                        manifest["image_id"].iloc[test_idx].tolist(), boxes, labels, ev.pointing_tolerance_px)
     out.update({k: loc[k] for k in ("cam_in_anatomy", "pointing_game", "iou")})
+    out.update(dict.fromkeys(AUDIT_KEYS))
+    if markers is not None and params.audit.label in labels:
+        boxes_drawn = marker_boxes(markers, manifest["image_id"].iloc[test_idx].astype(str).tolist())
+        audit = marker_scores(cams[:, labels.index(params.audit.label)], boxes_drawn, ev.pointing_tolerance_px)
+        out.update({k: audit[k] for k in AUDIT_KEYS})
+        out["audit"] = {"label": params.audit.label, "p": params.audit.p, "n_marked": audit["n_marked"]}
 
     # faithfulness (ROAD) per label on positives, and the sanity check
     road = {}

@@ -254,6 +254,16 @@ class SanityParams(_Section):
     seed: int = 0                                 # which permutation of the training labels
 
 
+class AuditParams(_Section):
+    """The shortcut audit (pipeline/audit.py): a controlled marker planted in any dataset's films, so
+    the shortcut gap the cycle exists to close can be measured on real data too. Off by default."""
+    enabled: bool = False
+    label: str = "Pneumonia"                      # the marker agrees with this label
+    p: float = Field(0.95, ge=0.5, le=1.0)        # agreement in train/val/test; 1 - p in test_shifted
+    size: float = Field(0.09, gt=0.02, le=0.2)    # glyph height as a share of the image side
+    seed: int = 0
+
+
 class ReportParams(_Section):
     grid_images: int = Field(8, ge=1, le=100)
 
@@ -292,6 +302,7 @@ class Params(_Section):
     enhance: EnhanceParams = EnhanceParams()
     evaluate: EvaluateParams = EvaluateParams()
     sanity: SanityParams = SanityParams()
+    audit: AuditParams = AuditParams()
     report: ReportParams = ReportParams()
     flow: FlowParams = FlowParams()
     engine: EngineParams = EngineParams()

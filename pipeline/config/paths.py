@@ -6,10 +6,16 @@ from pathlib import Path
 
 
 class Paths:
-    """Every artefact path, relative to the project root. dvc.yaml mirrors these."""
+    """Every artefact path, relative to the project root. dvc.yaml mirrors these.
 
-    def __init__(self, root: str | os.PathLike = "."):
+    `manifest`, `images` and `masks` are the films the cycle trains and scores on: the prepared ones
+    and the U-Net's masks, or, with the shortcut audit on (`audit=True`), the audit stage's copies
+    with the marker planted and a test_shifted split added. prepare and segment, which come before
+    the audit, use `prepared_manifest`, `prepared_images` and `predicted_masks`."""
+
+    def __init__(self, root: str | os.PathLike = ".", audit: bool = False):
         self.root = Path(root)
+        self.audit_on = bool(audit)
 
     # prepared data
     @property
@@ -17,8 +23,16 @@ class Paths:
         return self.root / "data" / "prepared"
 
     @property
-    def manifest(self) -> Path:
+    def prepared_manifest(self) -> Path:
         return self.prepared / "manifest.parquet"
+
+    @property
+    def prepared_images(self) -> Path:
+        return self.prepared / "images"
+
+    @property
+    def manifest(self) -> Path:
+        return self.audit / "manifest.parquet" if self.audit_on else self.prepared_manifest
 
     @property
     def boxes(self) -> Path:
@@ -26,7 +40,7 @@ class Paths:
 
     @property
     def images(self) -> Path:
-        return self.prepared / "images"
+        return self.audit / "images" if self.audit_on else self.prepared_images
 
     @property
     def gt_masks(self) -> Path:
@@ -43,8 +57,12 @@ class Paths:
 
     # segmentation
     @property
-    def masks(self) -> Path:
+    def predicted_masks(self) -> Path:
         return self.root / "data" / "segment" / "masks"
+
+    @property
+    def masks(self) -> Path:
+        return self.audit / "masks" if self.audit_on else self.predicted_masks
 
     @property
     def unet(self) -> Path:
@@ -53,6 +71,20 @@ class Paths:
     @property
     def segment_report(self) -> Path:
         return self.root / "reports" / "segment"
+
+    # shortcut audit
+    @property
+    def audit(self) -> Path:
+        return self.root / "data" / "audit"
+
+    @property
+    def audit_markers(self) -> Path:
+        """One row per film of the audited set: where the marker is and whether it is drawn."""
+        return self.audit / "markers.parquet"
+
+    @property
+    def audit_summary(self) -> Path:
+        return self.audit / "audit.json"
 
     # per cycle
     def model(self, cycle: int) -> Path:

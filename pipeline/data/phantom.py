@@ -198,6 +198,18 @@ def _place(glyph: np.ndarray, forbidden: np.ndarray, y: int, x: int, dy: int, dx
     return out
 
 
+def letter_glyph(size: int, height: float = 0.09, letter: str = "R") -> np.ndarray:
+    """A laterality-marker-like letter, `height` of the image side tall, as a tight bool mask; the
+    same pixels every time for a given size (the phantom's marker and the shortcut audit's)."""
+    th = max(1, round(size / 64))
+    scale = height * size / cv2.getTextSize(letter, cv2.FONT_HERSHEY_SIMPLEX, 1.0, th)[0][1]
+    (tw, tht), _ = cv2.getTextSize(letter, cv2.FONT_HERSHEY_SIMPLEX, scale, th)
+    patch = np.zeros((tht + 2 * th + 2, tw + 2 * th + 2), np.uint8)
+    cv2.putText(patch, letter, (th + 1, tht + th + 1), cv2.FONT_HERSHEY_SIMPLEX, scale, 255, th)
+    g = patch > 0
+    return g[np.ix_(g.any(1), g.any(0))]
+
+
 def _markers(rng: np.random.Generator, size: int, markers: dict[str, bool], forbidden: np.ndarray):
     """Shortcut markers: a letter top-left ("R", laterality-marker-like), a token top-right."""
     masks = {lab: np.zeros((size, size), bool) for lab in SHORTCUT_MARKERS}
@@ -206,14 +218,7 @@ def _markers(rng: np.random.Generator, size: int, markers: dict[str, bool], forb
             continue
         jy, jx = (int(round(rng.uniform(0.015, 0.045) * size)) for _ in range(2))
         if kind == "letter":
-            th = max(1, round(size / 64))
-            scale = 0.09 * size / cv2.getTextSize("R", cv2.FONT_HERSHEY_SIMPLEX, 1.0, th)[0][1]
-            (tw, tht), _ = cv2.getTextSize("R", cv2.FONT_HERSHEY_SIMPLEX, scale, th)
-            patch = np.zeros((tht + 2 * th + 2, tw + 2 * th + 2), np.uint8)
-            cv2.putText(patch, "R", (th + 1, tht + th + 1), cv2.FONT_HERSHEY_SIMPLEX, scale, 255, th)
-            g = patch > 0
-            g = g[np.ix_(g.any(1), g.any(0))]
-            masks[lab] = _place(g, forbidden, jy, jx, -1, -1)
+            masks[lab] = _place(letter_glyph(size), forbidden, jy, jx, -1, -1)
         else:
             side = max(3, round(0.06 * size))
             masks[lab] = _place(np.ones((side, side), bool), forbidden, jy, size - side - jx, -1, 1)

@@ -89,7 +89,7 @@ def prepare(params: Params, paths: Paths) -> dict:
     rows: list[dict] = []
     boxes: list[tuple] = []
     quarantined: list[Quarantined] = []
-    images = ArrayStoreWriter(paths.images, (size, size), np.uint8, params.data.shard_size,
+    images = ArrayStoreWriter(paths.prepared_images, (size, size), np.uint8, params.data.shard_size,
                               attrs={"source": params.data.source})
     masks = None
     with open_engine(params.engine) as engine:
@@ -131,7 +131,7 @@ def prepare(params: Params, paths: Paths) -> dict:
     write_parquet(paths.boxes, pd.DataFrame(boxes, columns=list(BOX_COLUMNS)))
     labels = params.data.labels or [lab for lab in CANONICAL_LABELS if manifest[lab].notna().any()]
     write_json(paths.grid, {"image_ids": _choose_grid(manifest, labels, params.data.seed)})
-    write_parquet(paths.manifest, manifest)  # last: the manifest marks the stage complete
+    write_parquet(paths.prepared_manifest, manifest)  # last: the manifest marks the stage complete
     summary = {
         "n_images": len(manifest), "n_patients": int(manifest["patient_id"].nunique()),
         "splits": manifest["split"].value_counts().to_dict(),

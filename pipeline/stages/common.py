@@ -41,7 +41,7 @@ def stage_main(name: str, body: Callable[[Params, Paths, argparse.Namespace], No
             args.cycle = stage_cycle(name, args.cycle, params, os.environ.get(DVC_STAGE))
         if params.train.num_threads:
             torch.set_num_threads(params.train.num_threads)
-        body(params, Paths(args.root), args)
+        body(params, Paths(args.root, audit=params.audit.enabled), args)
     except (ConfigError, FileNotFoundError, ValueError) as err:
         log.error("%s failed: %s", name, err)
         sys.exit(2)

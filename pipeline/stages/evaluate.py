@@ -19,8 +19,9 @@ def run(params, paths, args) -> None:
     manifest = pd.read_parquet(paths.manifest)
     boxes = pd.read_parquet(paths.boxes)
     grid_ids = read_json(paths.grid)["image_ids"][: params.report.grid_images]
+    markers = pd.read_parquet(paths.audit_markers) if paths.audit_on else None
     scores, grid = evaluate_cycle(model, meta, params, manifest, boxes, ArrayStore(paths.images),
-                                  ArrayStore(paths.masks), grid_ids)
+                                  ArrayStore(paths.masks), grid_ids, markers)
     scores["model"] = {"path": str(paths.model(k) / "model.safetensors"),
                        "sha256": file_sha256(paths.model(k) / "model.safetensors"),
                        **{key: meta[key] for key in ("arch", "labels", "image_size", "parent", "data_hash",

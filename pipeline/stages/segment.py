@@ -21,8 +21,8 @@ log = logging.getLogger(__name__)
 
 def run(params, paths, args) -> None:
     p = params.segment
-    manifest = pd.read_parquet(paths.manifest)
-    images = ArrayStore(paths.images)
+    manifest = pd.read_parquet(paths.prepared_manifest)
+    images = ArrayStore(paths.prepared_images)
     has_truth = (paths.gt_masks / "index.json").is_file()
     truth = ArrayStore(paths.gt_masks) if has_truth else None
     if has_truth and not p.mask_sources:
@@ -38,7 +38,7 @@ def run(params, paths, args) -> None:
     unet_path = paths.unet / "unet.safetensors"
     save_unet(unet_path, net, p)
     with open_engine(params.engine) as engine:
-        pred = predict_store(engine, unet_path.resolve(), images, paths.masks, params.data.shard_size)
+        pred = predict_store(engine, unet_path.resolve(), images, paths.predicted_masks, params.data.shard_size)
     if has_truth:  # the data's own ground truth, on images the U-Net never saw
         val = rows(manifest, "val")
         scores["val"] = evaluate_stores(pred, truth, val)

@@ -22,7 +22,8 @@ log = logging.getLogger(__name__)
 LABELS = list(phantom.PHANTOM_LABELS)
 
 
-def _marker_agrees(rng: np.random.Generator, split: str, p: float) -> bool:
+def marker_agrees(rng: np.random.Generator, split: str, p: float) -> bool:
+    """Whether a shortcut marker agrees with its label: with probability p, flipped in test_shifted."""
     agree = rng.random() < p
     return (not agree) if split == "test_shifted" else agree
 
@@ -48,7 +49,7 @@ def patient_records(params: Params, k: int, pid: str, split: str) -> list[Record
     out = []
     for j in range(1 + int(rng.integers(ph.max_images_per_patient))):
         findings = {lab: bool(rng.random() < ph.prevalence.get(lab, 0.0)) for lab in LABELS}
-        markers = {lab: (findings[lab] if _marker_agrees(rng, split, ph.shortcut_p) else not findings[lab])
+        markers = {lab: (findings[lab] if marker_agrees(rng, split, ph.shortcut_p) else not findings[lab])
                    if lab in ph.shortcut_labels else False
                    for lab in phantom.SHORTCUT_MARKERS}
         img = phantom.render(rng, size, anatomy, findings, markers, opacity_contrast=ph.opacity_contrast)
