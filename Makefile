@@ -13,7 +13,7 @@ export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS := 300
 export PYTHONUNBUFFERED := 1
 
-.PHONY: run test test-all viewer bench repro compare clean reliability
+.PHONY: run test test-all viewer bench repro compare real clean reliability
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -31,6 +31,12 @@ run: $(STAMP)  ## the whole refinement cycle on the defaults (phantom), via the 
 
 compare: $(STAMP)  ## the cycle under each enhancement policy (DVC experiments) -> reports/policies/
 	$(BIN)/python -m flows.compare
+
+# real films: Kermany (the chest_xray/ folder), the U-Net on JSRT + SCR masks, the shortcut audit on;
+# without folders: $$CXR_REAL_DATA/{kermany-224/chest_xray,jsrt-scr} (default ../shared/data)
+POLICIES ?= counterfactual overlay
+real: $(STAMP)  ## the cycle on real films (DVC experiments real-<policy>) -> reports/, reports/real/
+	$(BIN)/python -m flows.real $(if $(KERMANY),--kermany "$(KERMANY)") $(if $(JSRT),--jsrt "$(JSRT)") $(POLICIES)
 
 repro: $(STAMP)  ## the same artefacts with DVC alone
 	$(BIN)/dvc repro

@@ -33,14 +33,20 @@ def _dvc(args: list[str], root: str, check: bool = True) -> subprocess.Completed
 
 
 @task(name="dvc-exp-run", task_run_name="exp {policy}")
-def run_policy(policy: str, root: str) -> str:
-    name = EXP_PREFIX + policy
+def run_policy(policy: str, root: str, prefix: str = EXP_PREFIX, sets: tuple[str, ...] = (),
+               temp: bool = True) -> str:
+    """One experiment: `sets` (`-S` arguments) plus the policy; `temp` runs it in a temporary copy, else in
+    the workspace (which then holds its outputs and params, as after any `dvc exp run`)."""
+    name = prefix + policy
     _dvc(["exp", "remove", name], root, check=False)  # a rerun replaces the previous experiment
-    # the comparison reads the cycles' metrics: no label-permutation twin (cycle 0's, which no policy
-    # changes) is trained in each experiment's temporary copy
-    args = ["-S", f"enhance.policy={policy}", "-S", "sanity.label_permutation=false"]
-    get_run_logger().info("$ dvc exp run --temp -n %s %s", name, " ".join(args))
-    _dvc(["exp", "run", "--temp", "-n", name, *args], root)
+    args = [*sets, "-S", f"enhance.policy={policy}"]
+    if temp:
+        # the comparison reads the cycles' metrics: no label-permutation twin (cycle 0's, which no policy
+        # changes) is trained in each experiment's temporary copy
+        args += ["-S", "sanity.label_permutation=false"]
+    cmd = ["exp", "run", *(["--temp"] if temp else []), "-n", name, *args]
+    get_run_logger().info("$ dvc %s", " ".join(cmd))
+    _dvc(cmd, root)
     return name
 
 
@@ -58,6 +64,21 @@ def experiment_cycles(exp_show: list[dict], names: list[str]) -> dict[str, list[
     return out
 
 
+def collect(root: str, names: list[str], prefix: str) -> dict[str, list[dict]]:
+    """policy -> per-cycle metrics of each named experiment, from `dvc exp show`."""
+    shown = json.loads(_dvc(["exp", "show", "--json"], root).stdout)
+    by_name = experiment_cycles(shown, names)
+    missing = [n for n in names if not by_name.get(n)]
+    if missing:
+        raise RuntimeError(f"no metrics found for experiments {missing} in `dvc exp show`")
+    return {name.removeprefix(prefix): by_name[name] for name in names}
+
+
+def check_committed(root: str) -> None:
+    if subprocess.run(["git", "rev-parse", "--verify", "-q", "HEAD"], cwd=root, capture_output=True).returncode:
+        raise RuntimeError("DVC experiments need a git commit: commit the project first")
+
+
 @flow(name="cxr-compare-policies", log_prints=False)
 def compare_policies(root: str = ".", policies: list[str] | None = None) -> dict:
     """Run the cycle once per enhancement policy; returns reports/policies/summary.json."""
@@ -67,16 +88,10 @@ def compare_policies(root: str = ".", policies: list[str] | None = None) -> dict
     unknown = sorted(set(policies) - set(POLICIES))
     if unknown:
         raise ConfigError(f"policies: unknown {unknown}; available: {', '.join(POLICIES)}")
-    if subprocess.run(["git", "rev-parse", "--verify", "-q", "HEAD"], cwd=root, capture_output=True).returncode:
-        raise RuntimeError("DVC experiments need a git commit: commit the project first")
+    check_committed(root)
     step = run_policy.with_options(retries=params.flow.retries, retry_delay_seconds=2)
     names = [step(policy, root) for policy in policies]
-    shown = json.loads(_dvc(["exp", "show", "--json"], root).stdout)
-    by_name = experiment_cycles(shown, names)
-    missing = [n for n in names if not by_name.get(n)]
-    if missing:
-        raise RuntimeError(f"no metrics found for experiments {missing} in `dvc exp show`")
-    results = {name.removeprefix(EXP_PREFIX): by_name[name] for name in names}
+    results = collect(root, names, EXP_PREFIX)
     summary = build_policy_comparison(params, Paths(root), results)
     logger.info("enhancement policies (unmodified test images):\n%s", format_policy_table(summary))
     return summary

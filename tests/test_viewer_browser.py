@@ -6,64 +6,20 @@ served cycle, open the model card; screenshots are saved as test artefacts
 """
 from __future__ import annotations
 
-import os
-import shutil
-from pathlib import Path
-
 import pytest
 
+from tests.browser_support import artefacts, browser, login, open_page, title_is  # noqa: F401 (fixture)
 from tests.conftest import ROOT
-from tests.viewer_support import PASSWORD, USER, bad_files, running_viewer
+from tests.viewer_support import bad_files, running_viewer
 
-CHROMIUM = os.environ.get("CXR_CHROMIUM", "/usr/bin/chromium")
-FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-         "--disable-component-update", "--no-first-run"]
 EXAMPLE = ROOT / "pipeline" / "viewer" / "example_films" / "phantom_cardiomegaly.png"
-
-
-def artefacts() -> Path:
-    path = Path(os.environ.get("CXR_TEST_ARTIFACTS", ROOT / "tmp" / "test-artifacts"))
-    path.mkdir(parents=True, exist_ok=True)
-    return path
-
-
-@pytest.fixture(scope="module")
-def browser():
-    if not (shutil.which(CHROMIUM) or Path(CHROMIUM).is_file()):
-        msg = f"{CHROMIUM} not found: `apt-get install -y chromium` (.ci/run does)"
-        if os.environ.get("CI"):
-            pytest.fail(msg)
-        pytest.skip(msg)
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as p:
-        b = p.chromium.launch(executable_path=CHROMIUM, args=FLAGS, headless=True)
-        try:
-            yield b
-        finally:
-            b.close()
 
 
 @pytest.fixture
 def page(browser):
-    viewer = running_viewer()
-    context = browser.new_context(viewport={"width": 1300, "height": 1000})
-    page = context.new_page()
-    page.set_default_timeout(60_000)
-    page.goto(viewer.url + "/")
+    context, page = open_page(browser, running_viewer().url)
     yield page
     context.close()
-
-
-def login(page, password: str = PASSWORD) -> None:
-    page.get_by_label("username").fill(USER)
-    page.get_by_label("password").fill(password)
-    page.get_by_role("button", name="Login").click()
-
-
-def title_is(page, label: str) -> None:
-    page.wait_for_function("(l) => { const t = document.querySelector('#heatmap-title'); "
-                           "return t && t.innerText.includes(l); }", arg=label)
 
 
 def test_wrong_password_stays_on_the_login_page(page):

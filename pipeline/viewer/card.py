@@ -9,6 +9,7 @@ import yaml
 
 from pipeline.io import read_json
 from pipeline.metrics.sanity import SANITY_MAX
+from pipeline.report import audit_note
 
 log = logging.getLogger(__name__)
 
@@ -83,6 +84,17 @@ def label_permutation_entry(root: Path, cycle: int) -> dict | None:
             "twin_val_loss": lp.get("twin_val_loss"), "prevalence_val_loss": lp.get("prevalence_val_loss")}
 
 
+def mask_source(seg: dict | None) -> str | None:
+    """Where the anatomy U-Net learned its masks, and how well it segments films it never saw."""
+    if not seg:
+        return None
+    held = seg.get("held_out") or seg.get("val") or {}
+    dice = ", ".join(f"{s} Dice {held[s]['dice']:.3f}" for s in ("lungs", "heart")
+                     if isinstance(held.get(s), dict) and held[s].get("dice") is not None)
+    return (f"U-Net trained on {seg.get('n_train')} films with masks from {', '.join(seg.get('sources') or ['?'])}"
+            + (f"; held-out {dice}" if dice else ""))
+
+
 def model_card(root: Path, info: dict, meta: dict, sha256: str, baseline_meta: dict | None) -> dict:
     """JSON-ready card for the served model (cycle metrics from reports/cycles/cK/metrics.json)."""
     cycle = int(meta.get("cycle", 0))
@@ -93,7 +105,8 @@ def model_card(root: Path, info: dict, meta: dict, sha256: str, baseline_meta: d
     sanity = metrics.get("sanity_rank_corr")
     permutation = label_permutation_entry(root, cycle)
     summary_path = root / "reports" / "summary.json"
-    dataset = read_json(summary_path).get("dataset") if summary_path.is_file() else meta.get("source")
+    summary = read_json(summary_path) if summary_path.is_file() else {}
+    dataset = summary.get("dataset") or meta.get("source")
     return {
         "cycle": cycle,
         "arch": meta.get("arch"),
@@ -114,6 +127,8 @@ def model_card(root: Path, info: dict, meta: dict, sha256: str, baseline_meta: d
         "sanity_max": SANITY_MAX,
         "label_permutation": permutation,
         "label_permutation_flag": None if permutation is None else permutation["passed"] is False,
+        "mask_source": mask_source(summary.get("segmentation")),
+        "audit": audit_note(summary.get("audit")),
         "intended_use": INTENDED_USE,
         "limitations": LIMITATIONS,
         "notice": NOTICE,
@@ -152,6 +167,8 @@ def card_markdown(card: dict) -> str:
 |---|---|
 | served model | cycle {card['cycle']} ({_fmt(card['arch'])}, {_fmt(card['image_size'])} px), beside cycle {_fmt(card['baseline_cycle'])} |
 | training data | {_fmt(card['data_source'])} (data hash `{_fmt(card['data_hash'])}`), enhancement policy {_fmt(card['enhance_policy'])} |
+| anatomy masks | {_fmt(card.get('mask_source'))} |
+| shortcut audit | {_fmt(card.get('audit') or 'off')} |
 | revision | git `{_fmt(card['git_revision'])}`, DVC md5 of models/c{card['cycle']} `{_fmt(card['dvc_md5'])}` |
 | checkpoint sha256 | `{(card['checkpoint_sha256'] or '')[:16]}…` |
 | why this cycle | {_fmt(card['stop_reason'])} |
