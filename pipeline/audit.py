@@ -28,6 +28,7 @@ import cv2
 import numpy as np
 import pandas as pd
 
+from pipeline.anatomy_checks import carry_checks
 from pipeline.config import AuditParams
 from pipeline.data.phantom import letter_glyph
 from pipeline.data.sources.phantom import marker_agrees
@@ -134,6 +135,7 @@ def write_audit(p: AuditParams, manifest: pd.DataFrame, images: ArrayStore, mask
     audited, source_rows = audited_manifest(manifest, p)
     (out / "manifest.parquet").unlink(missing_ok=True)  # a half-rewritten set must not look complete
     markers, summary = plant_markers(p, audited, source_rows, images, masks, out, shard_size)
+    carry_checks(masks.root, out / "masks", source_rows)  # the masks' plausibility follows the films
     write_parquet(out / "markers.parquet", markers)
     write_json(out / "audit.json", summary)
     write_parquet(out / "manifest.parquet", audited)

@@ -16,6 +16,8 @@
      marker, and a shortcut that is kept is relearnt (measured: a keep region fed by 10 of 5,900 CAMs
      caught the corner of the "R" marker and cycle 2's shifted accuracy fell from 0.85 to 0.64).
      Both atlases are pooled, so every image gets the same regions.
+Masks are read through anatomy_checks.open_masks: a film whose predicted mask failed the plausibility
+checks is enhanced with the population prior anatomy in its place (same rule for every film).
 `overlay` is the literal published recipe (positives × CAM×anatomy, negatives × anatomy, rest dimmed)
 and `suppress` zeroes everything outside the anatomy; both are kept for comparison only: they
 transform the classes differently or hide the shortcut, which DESIGN.md measured to make things worse.
@@ -29,6 +31,7 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
+from pipeline.anatomy_checks import open_masks
 from pipeline.cam.maps import upsample
 from pipeline.config import EnhanceParams
 from pipeline.data.labels import anatomy_of
@@ -176,7 +179,7 @@ def enhance_shard(p: EnhanceParams, hot: np.ndarray | None, keep: np.ndarray | N
                   cam_rows: np.ndarray, targets: np.ndarray | None, batch_size: int = 256) -> np.ndarray:
     """The enhanced images of `rows` (one task); `donor_rows` are their donors, `cam_rows` their
     positions in the CAM store (overlay only)."""
-    images, masks = ArrayStore(images_root), ArrayStore(masks_root)
+    images, masks = ArrayStore(images_root), open_masks(masks_root)  # the prior stands in for implausible masks
     cams = ArrayStore(cams_root) if cams_root else None
     size = images.item_shape[-1]
     out = []

@@ -53,8 +53,15 @@ def low_res_cams(model, arch: str, store: ArrayStore, idx: np.ndarray, method: s
 
 
 def localisation(cams: np.ndarray, anatomy: np.ndarray, targets: np.ndarray, image_ids: list[str],
-                 boxes: pd.DataFrame, labels: list[str], tolerance_px: int) -> dict:
-    """Energy in the label's anatomy, pointing game and IoU vs boxes, over positive (image, label) pairs."""
+                 boxes: pd.DataFrame, labels: list[str], tolerance_px: int,
+                 plausible: np.ndarray | None = None) -> dict:
+    """Energy in the label's anatomy, pointing game and IoU vs boxes, over positive (image, label) pairs.
+
+    `plausible` (bool per image; pipeline/anatomy_checks.py): a film whose anatomy mask failed the
+    checks is left out of cam_in_anatomy (a broken mask would score the heatmap against the wrong
+    region) and counted in n_implausible_excluded; boxes do not depend on masks, so it still counts there.
+    """
+    plausible = np.ones(len(targets), bool) if plausible is None else np.asarray(plausible, bool)
     by_image = {k: g for k, g in boxes.groupby("image_id")} if len(boxes) else {}
     per_label = {}
     all_share, all_hit, all_iou = [], [], []
@@ -63,7 +70,8 @@ def localisation(cams: np.ndarray, anatomy: np.ndarray, targets: np.ndarray, ima
         shares, hits, ious = [], [], []
         for i in np.flatnonzero(targets[:, k] == 1):
             cam = cams[i, k]
-            shares.append(energy_share(cam, decode_anatomy(anatomy[i], structure)))
+            if plausible[i]:
+                shares.append(energy_share(cam, decode_anatomy(anatomy[i], structure)))
             g = by_image.get(image_ids[i])
             if g is not None:
                 b = g[g["label"] == label]
@@ -72,21 +80,23 @@ def localisation(cams: np.ndarray, anatomy: np.ndarray, targets: np.ndarray, ima
                                              cam.shape)
                     hits.append(float(pointing_game_hit(cam, box_mask, tolerance_px)))
                     ious.append(cam_iou(cam, box_mask))
+        n_pos = int((targets[:, k] == 1).sum())
         per_label[label] = {"cam_in_anatomy": _mean(shares), "pointing_game": _mean(hits), "iou": _mean(ious),
-                            "n_positive": len(shares), "n_boxes": len(hits)}
+                            "n_positive": n_pos, "n_boxes": len(hits), "n_implausible_excluded": n_pos - len(shares)}
         all_share += shares
         all_hit += hits
         all_iou += ious
     return {"cam_in_anatomy": _mean(all_share), "pointing_game": _mean(all_hit), "iou": _mean(all_iou),
-            "per_label": per_label}
+            "n_implausible_excluded": int((~plausible).sum()), "per_label": per_label}
 
 
 def evaluate_cycle(model, meta: dict, params: Params, manifest: pd.DataFrame, boxes: pd.DataFrame,
                    images: ArrayStore, masks: ArrayStore, grid_ids: list[str],
-                   markers: pd.DataFrame | None = None) -> tuple[dict, dict]:
+                   markers: pd.DataFrame | None = None, plausible: np.ndarray | None = None) -> tuple[dict, dict]:
     """(scores, grid): every score of DESIGN.md for one model, JSON-ready (null where a dataset cannot
     give a figure), and the fixed grid images' CAMs for the report. `markers`: the shortcut audit's
-    marker table, when the audit is on."""
+    marker table, when the audit is on. `plausible`: per mask-store row, whether its anatomy mask
+    passed the checks (anatomy_checks.load_plausibility); implausible films leave cam_in_anatomy."""
     labels, arch = meta["labels"], meta["arch"]
     thresholds = np.asarray(meta["thresholds"], dtype=np.float64)
     ev = params.evaluate
@@ -114,8 +124,9 @@ def evaluate_cycle(model, meta: dict, params: Params, manifest: pd.DataFrame, bo
     test_idx = rows(manifest, "test")[: ev.n_cam_images]
     cams = resize(low_res_cams(model, arch, images, test_idx, params.cam.method), images.item_shape[-1]).numpy()
     loc = localisation(cams, masks.read(test_idx), label_matrix(manifest.iloc[test_idx], labels),
-                       manifest["image_id"].iloc[test_idx].tolist(), boxes, labels, ev.pointing_tolerance_px)
-    out.update({k: loc[k] for k in ("cam_in_anatomy", "pointing_game", "iou")})
+                       manifest["image_id"].iloc[test_idx].tolist(), boxes, labels, ev.pointing_tolerance_px,
+                       None if plausible is None else np.asarray(plausible, bool)[test_idx])
+    out.update({k: loc[k] for k in ("cam_in_anatomy", "pointing_game", "iou", "n_implausible_excluded")})
     out.update(dict.fromkeys(AUDIT_KEYS))
     if markers is not None and params.audit.label in labels:
         boxes_drawn = marker_boxes(markers, manifest["image_id"].iloc[test_idx].astype(str).tolist())

@@ -158,3 +158,40 @@ def save_policy_comparison(path, results: dict[str, list[dict]], keys: list[str]
         ax.set_ylim(-0.05, 1.05)
     axes[0, 0].legend(fontsize=7)
     _save(fig, path)
+
+
+def save_mask_preview(path, images: np.ndarray, masks: np.ndarray, plausible: np.ndarray, reasons: list[str],
+                      title: str) -> None:
+    """Predicted lungs (cyan) and heart (red) outlined over films; an implausible mask is framed in red
+    with its reason. What a dataset without ground-truth masks offers instead of a Dice."""
+    from pipeline.data.record import HEART_BIT, LUNGS_BIT
+
+    n = len(images)
+    if n == 0:
+        fig, ax = plt.subplots(figsize=(4, 1))
+        ax.text(0.5, 0.5, f"{title}\n(no films in this split)", ha="center", va="center", fontsize=8)
+        ax.axis("off")
+        _save(fig, path)
+        return
+    cols = min(4, n)
+    rows = -(-n // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(2.2 * cols, 2.35 * rows), squeeze=False)
+    for ax in axes.ravel():
+        ax.axis("off")
+    for i in range(n):
+        ax = axes.ravel()[i]
+        ax.imshow(images[i], cmap="gray", vmin=0, vmax=255)
+        for bit, color in ((LUNGS_BIT, "cyan"), (HEART_BIT, "red")):
+            m = (masks[i] & bit) > 0
+            if m.any():
+                ax.contour(m.astype(float), levels=[0.5], colors=color, linewidths=0.8)
+        if not plausible[i]:
+            ax.set_title("implausible:\n" + reasons[i].split(";")[0][:32], fontsize=6, color="#b00")
+            ax.axis("on")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            for spine in ax.spines.values():
+                spine.set_edgecolor("#b00")
+                spine.set_linewidth(2.5)
+    fig.suptitle(f"{title}; {int((~np.asarray(plausible)).sum())} implausible", fontsize=9)
+    _save(fig, path)

@@ -13,7 +13,7 @@ from pipeline.config import Params, Paths
 from pipeline.cycle_control import decide
 from pipeline.data.manifest import label_matrix
 from pipeline.data.store import ArrayStore
-from pipeline.evaluation import SUMMARY_KEYS, headline
+from pipeline.evaluation import AUDIT_KEYS, SUMMARY_KEYS, headline
 from pipeline.io import read_json, write_json, write_text
 from pipeline.metrics.sanity import SANITY_MAX
 
@@ -36,13 +36,28 @@ def load_cycles(paths: Paths, cycle_ids: list[int], last_cycle: int | None = Non
     return out
 
 
-def summary(params: Params, cycles: list[dict], stop_reason: str | None) -> dict:
+def summary(params: Params, cycles: list[dict], stop_reason: str | None, audit: dict | None = None) -> dict:
+    """reports/summary.json; with the shortcut audit on, its settings and the marker figures per cycle."""
+    audit = audit or {"enabled": False}
+    keys = (*SUMMARY_KEYS, *AUDIT_KEYS) if audit.get("enabled") else SUMMARY_KEYS
     return {
         "dataset": params.data.source,
         "labels": cycles[0]["labels"] if cycles else [],
-        "cycles": [{**{k: c.get(k) for k in SUMMARY_KEYS}, "per_label": c.get("per_label", {})} for c in cycles],
+        "cycles": [{**{k: c.get(k) for k in keys}, "per_label": c.get("per_label", {})} for c in cycles],
         "stop_reason": stop_reason,
+        "audit": audit,
     }
+
+
+def audit_note(audit: dict | None) -> str | None:
+    """One sentence saying the shortcut audit is on (the report and the model card print it)."""
+    if not audit or not audit.get("enabled"):
+        return None
+    shifted = audit.get("splits", {}).get("test_shifted", {})
+    return (f"Shortcut audit ON: a marker was planted outside the predicted anatomy, agreeing with "
+            f"{audit['label']} with probability {audit['p']} in train/val/test and disagreeing in a test_shifted "
+            f"copy of the {shifted.get('films', '?')} test films (pipeline/audit.py). Test scores include the "
+            f"marker; accuracy_shifted and shortcut_gap measure how much the model relies on it.")
 
 
 def format_table(cycles: list[dict]) -> str:
@@ -129,6 +144,25 @@ def _html_sanity(sanity: dict | None, serve: int) -> str:
             + "".join(rows) + "</table>")
 
 
+def _html_anatomy_masks(seg: dict) -> str:
+    """The plausibility checks' counts and the per-split previews the segment stage drew
+    (reports/segment/preview_<split>.png): what a dataset without ground-truth masks offers instead of a Dice."""
+    if "implausible" not in seg:
+        return ""
+    esc = html.escape
+    by_split = ", ".join(f"{esc(k)}: {v}" for k, v in (seg.get("implausible_by_split") or {}).items())
+    pics = "".join(f"<h3>{esc(name.removeprefix('preview_').removesuffix('.png'))}</h3>"
+                   f"<img src='segment/{esc(name)}'>" for name in seg.get("previews", []))
+    return (f"<h2>Anatomy masks</h2><p>Every predicted mask was cleaned (the two largest lung components and "
+            f"the largest heart component kept; {seg['blobs_removed']} films lost blobs) and checked for "
+            f"plausibility (two lungs side by side, lung and heart areas in range, heart inside the thorax): "
+            f"<b>{seg['implausible']}</b> of {seg.get('n_checked', '?')} are implausible"
+            + (f" ({by_split})" if by_split else "")
+            + (" — see <a href='segment/implausible.csv'>segment/implausible.csv</a>" if seg["implausible"] else "")
+            + ". They are left out of <i>cam_in_anatomy</i>, and the enhancement uses the population prior "
+              "anatomy in their place. Cyan: lungs, red: heart; implausible films are framed in red.</p>" + pics)
+
+
 def _html_table(cycles: list[dict]) -> str:
     head = "".join(f"<th>{html.escape(k)}</th>" for k in ("cycle", *TABLE_KEYS, "sanity check"))
     body = "".join("<tr>" + f"<td>{c['cycle']}</td>" + "".join(
@@ -153,7 +187,8 @@ def build_report(params: Params, paths: Paths, stop_reason: str | None = None,
     decision = decide(cycles, params.flow)
     if stop_reason is None:
         stop_reason = decision.reason or f"completed all {len(cycles) - 1} refinement cycles"
-    result = summary(params, cycles, stop_reason)
+    audit = read_json(paths.audit_summary) if paths.audit_summary.is_file() else {"enabled": False}
+    result = summary(params, cycles, stop_reason, audit)
     labels = result["labels"]
     fig_dir = paths.root / "reports" / "figures"
 
@@ -231,13 +266,21 @@ def _html(params: Params, result: dict, cycles: list[dict], pictures, seg, enhan
         _html_table(cycles),
         _html_sanity(result.get("sanity"), serve),
     ]
+    note = audit_note(result.get("audit"))
+    if note:
+        marker = "; ".join(f"c{c['cycle']}: peak on the marker {c['marker_pointing']:.3f}"
+                           for c in cycles if c.get("marker_pointing") is not None)
+        parts.insert(3, f"<p><b>{esc(note)}</b> {esc(marker)}</p>")
     if seg:
         fmt = lambda v: "—" if v is None else f"{v:.3f}"  # noqa: E731
         rows = "".join(f"<tr><td>{esc(name)}</td><td>{fmt(v['dice'])}</td><td>{fmt(v['iou'])}</td></tr>"
                        for name, v in seg["val"].items() if isinstance(v, dict))
+        at = (f" at {seg['val']['resolution']} px (the masks' own resolution; the U-Net runs at {seg.get('size')} px)"
+              if seg["val"].get("resolution") else "")
         parts.append(f"<h2>Anatomy U-Net</h2><p>Trained on {seg['n_train']} images with masks from "
                      f"{esc(', '.join(seg.get('sources', [])))}; scored on {seg['val']['n_images']} held-out "
-                     f"images.</p><table><tr><th>structure</th><th>Dice</th><th>IoU</th></tr>{rows}</table>")
+                     f"images{esc(at)}.</p><table><tr><th>structure</th><th>Dice</th><th>IoU</th></tr>{rows}</table>")
+        parts.append(_html_anatomy_masks(seg))
     for c, st in enhance_stats.items():
         sep = "; ".join(f"{lab}: mean-in-anatomy AUROC raw {v['raw'].get('mean_in_anatomy')} → enhanced "
                         f"{v['enhanced'].get('mean_in_anatomy')}" for lab, v in st.get("separability", {}).items())
@@ -253,21 +296,25 @@ def _html(params: Params, result: dict, cycles: list[dict], pictures, seg, enhan
 POLICY_KEYS = ("pointing_game", "cam_in_anatomy", "accuracy_shifted", "auroc_macro")
 
 
-def build_policy_comparison(params: Params, paths: Paths, results: dict[str, list[dict]]) -> dict:
-    """reports/policies/: the same cycle run under each enhancement policy, scored on unmodified images.
+def build_policy_comparison(params: Params, paths: Paths, results: dict[str, list[dict]],
+                            name: str = "policies", exp_prefix: str = "policy-", extra: dict | None = None) -> dict:
+    """reports/<name>/: the same cycle run under each enhancement policy, scored on unmodified images.
 
-    `results`: policy -> per-cycle headline metrics (as in reports/cycles/cK/metrics.json).
+    `results`: policy -> per-cycle headline metrics (as in reports/cycles/cK/metrics.json); `extra`
+    joins summary.json (the real-data run's targets and timing).
     """
-    out_dir = paths.root / "reports" / "policies"
+    out_dir = paths.root / "reports" / name
     summary = {"dataset": params.data.source, "default_policy": params.enhance.policy,
-               "policies": {policy: {"cycles": [headline(c) for c in cycles]} for policy, cycles in results.items()}}
+               "policies": {policy: {"cycles": [headline(c) for c in cycles]} for policy, cycles in results.items()},
+               **(extra or {})}
     write_json(out_dir / "summary.json", summary)
     figures.save_policy_comparison(out_dir / "comparison.png", results, list(POLICY_KEYS))
     esc = html.escape
     parts = ["<!doctype html><meta charset='utf-8'><title>Enhancement policies</title>", _STYLE,
              f"<h1>Enhancement policies — {esc(params.data.source)}</h1>",
              "<p>The same data and cycle 0 model, refined under each policy (DVC experiments "
-             "<code>policy-&lt;name&gt;</code>; <code>dvc exp show</code> lists them). Every score is measured on "
+             f"<code>{esc(exp_prefix)}&lt;policy&gt;</code>; <code>dvc exp show</code> lists them). "
+             "Every score is measured on "
              "<b>unmodified</b> test images.</p><img src='comparison.png'>"]
     for policy, cycles in results.items():
         parts += [f"<h2>{esc(policy)}</h2>", _html_table(cycles)]

@@ -1,20 +1,29 @@
 """Anatomy segmentation: an smp U-Net (random init, no download) for lungs and heart.
 
 Two sigmoid channels (lungs, heart) because the heart overlaps the medial lungs on a frontal film.
-The net runs at `segment.size` (lungs and heart are large structures) and its probabilities are
-upsampled to the prepared image size before thresholding.
+The net learns from films and masks fitted at `segment.size` (not upsampled from the prepared size),
+with light augmentation (small affine, brightness/contrast; seeded by `segment.seed`). Its
+probabilities are upsampled before thresholding: to the prepared image size for the mask store, and
+to the mask dataset's own resolution (1024 px for JSRT/SCR) for the held-out Dice, so the figure says
+how well the anatomy is resolved, not how well a coarse grid is.
+Every predicted mask is cleaned and checked for plausibility (pipeline/anatomy_checks.py).
 """
 from __future__ import annotations
 
 import importlib
 import logging
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
+from typing import Callable
 
+import albumentations as A
+import cv2
 import numpy as np
 import segmentation_models_pytorch as smp
 import torch
 import torch.nn.functional as F
 
+from pipeline.anatomy_checks import Check, clean_and_check
 from pipeline.config import Params, SegmentParams
 from pipeline.data.manifest import patient_split
 from pipeline.data.record import HEART_BIT, LUNGS_BIT, Quarantined
@@ -32,15 +41,23 @@ def build_unet(encoder: str) -> torch.nn.Module:
     return net.to(memory_format=torch.channels_last)  # faster on CPU, as for the classifiers
 
 
+def _resize(t: torch.Tensor, size: int) -> torch.Tensor:
+    """Area averaging when shrinking (nothing aliases), bilinear when enlarging (nothing blocky)."""
+    if t.shape[-1] == size:
+        return t
+    if t.shape[-1] > size:
+        return F.interpolate(t, size=(size, size), mode="area")
+    return F.interpolate(t, size=(size, size), mode="bilinear", align_corners=False)
+
+
 def _inputs(images: np.ndarray, size: int) -> torch.Tensor:
     x = torch.from_numpy(np.asarray(images, dtype=np.float32) / 255.0).unsqueeze(1)
-    x = F.interpolate(x, size=(size, size), mode="area") if x.shape[-1] != size else x
-    return x.contiguous(memory_format=torch.channels_last)
+    return _resize(x, size).contiguous(memory_format=torch.channels_last)
 
 
 def _targets(masks: np.ndarray, size: int) -> torch.Tensor:
     t = torch.from_numpy(np.stack([(masks & LUNGS_BIT) > 0, (masks & HEART_BIT) > 0], 1).astype(np.float32))
-    return F.interpolate(t, size=(size, size), mode="area") if t.shape[-1] != size else t
+    return _resize(t, size)
 
 
 UNKNOWN = -1.0  # target value of a structure an image's mask dataset does not draw (smp's ignore_index)
@@ -54,12 +71,46 @@ def partial_targets(masks: np.ndarray, known: np.ndarray, size: int) -> torch.Te
     return t
 
 
+# augmentation: a film a few degrees, percent and shades away from a training film is still that film
+AUG_ROTATE_DEG, AUG_SCALE, AUG_SHIFT, AUG_BRIGHTNESS_CONTRAST, AUG_P = 7.0, 0.08, 0.05, 0.15, 0.8
+
+
+def augmenter(p: SegmentParams) -> A.Compose | None:
+    """Small affine (masks follow, nearest neighbour; black beyond the film) and brightness/contrast;
+    deterministic given segment.seed. None when `segment.augment` is off."""
+    if not p.augment:
+        return None
+    return A.Compose([
+        A.Affine(rotate=(-AUG_ROTATE_DEG, AUG_ROTATE_DEG), scale=(1 - AUG_SCALE, 1 + AUG_SCALE),
+                 translate_percent=(-AUG_SHIFT, AUG_SHIFT), border_mode=cv2.BORDER_CONSTANT, fill=0, fill_mask=0,
+                 p=AUG_P),
+        A.RandomBrightnessContrast(AUG_BRIGHTNESS_CONTRAST, AUG_BRIGHTNESS_CONTRAST, p=AUG_P),
+    ], seed=p.seed)
+
+
+def augment_batch(aug: A.Compose, x: torch.Tensor, y: torch.Tensor, known: torch.Tensor
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """One augmented draw of a batch (x: (n, 1, S, S) in [0, 1]; y: (n, 2, S, S) targets); a structure
+    the film's dataset does not draw stays UNKNOWN everywhere, even where the affine filled the border."""
+    xs, ys = [], []
+    for img, t in zip(x[:, 0].numpy(), y.numpy()):
+        out = aug(image=img, mask=np.ascontiguousarray(t.transpose(1, 2, 0)))
+        xs.append(np.clip(out["image"], 0, 1))
+        ys.append(out["mask"].transpose(2, 0, 1))
+    xb = torch.from_numpy(np.stack(xs)).unsqueeze(1).contiguous(memory_format=torch.channels_last)
+    yb = torch.from_numpy(np.ascontiguousarray(np.stack(ys)))
+    yb[~known] = UNKNOWN
+    return xb, yb
+
+
 def train_unet(p: SegmentParams, images: np.ndarray, masks: np.ndarray, known: np.ndarray) -> torch.nn.Module:
     """Train on uint8 images (N, S, S) and bit masks at p.size; `known` (N, 2) bool per structure.
     Returns the net in eval mode."""
     torch.manual_seed(p.seed)
     net = build_unet(p.encoder)
     x_all, y_all = _inputs(images, p.size), partial_targets(masks, known, p.size)
+    known_all = torch.from_numpy(np.asarray(known, dtype=bool))
+    aug = augmenter(p)
     dice = smp.losses.DiceLoss(mode="multilabel", from_logits=True, ignore_index=UNKNOWN)
     bce = smp.losses.SoftBCEWithLogitsLoss(ignore_index=UNKNOWN)
     n = len(x_all)
@@ -67,47 +118,67 @@ def train_unet(p: SegmentParams, images: np.ndarray, masks: np.ndarray, known: n
     steps = p.epochs * max(1, -(-n // p.batch_size))
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=p.lr, total_steps=steps)
     gen = torch.Generator().manual_seed(p.seed)
+    start_time = time.monotonic()
     for epoch in range(p.epochs):
         net.train()
         order = torch.randperm(n, generator=gen)
         total = 0.0
         for start in range(0, n, p.batch_size):
             b = order[start:start + p.batch_size]
-            logits = net(x_all[b])
-            loss = bce(logits, y_all[b]) + dice(logits, y_all[b])
+            xb, yb = augment_batch(aug, x_all[b], y_all[b], known_all[b]) if aug else (x_all[b], y_all[b])
+            logits = net(xb)
+            loss = bce(logits, yb) + dice(logits, yb)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             sched.step()
             total += float(loss.detach()) * len(b)
-        log.info("unet epoch %d/%d loss %.4f", epoch + 1, p.epochs, total / n)
+        log.info("unet epoch %d/%d loss %.4f (%.0f s)", epoch + 1, p.epochs, total / n, time.monotonic() - start_time)
     return net.eval()
 
 
 @torch.no_grad()
-def predict_masks(net: torch.nn.Module, images: np.ndarray, size: int, out_size: int) -> np.ndarray:
-    """uint8 bit masks (N, out_size, out_size): LUNGS_BIT | HEART_BIT where probability > 0.5."""
+def probabilities(net: torch.nn.Module, images: np.ndarray, size: int, out_size: int) -> torch.Tensor:
+    """(N, 2, out_size, out_size) lungs/heart probabilities: the net at `size`, upsampled bilinearly."""
     net.eval()
     probs = torch.sigmoid(net(_inputs(images, size)))
-    probs = F.interpolate(probs, size=(out_size, out_size), mode="bilinear", align_corners=False).numpy()
+    return F.interpolate(probs, size=(out_size, out_size), mode="bilinear", align_corners=False)
+
+
+def predict_masks(net: torch.nn.Module, images: np.ndarray, size: int, out_size: int) -> np.ndarray:
+    """uint8 bit masks (N, out_size, out_size): LUNGS_BIT | HEART_BIT where probability > 0.5."""
+    probs = probabilities(net, images, size, out_size).numpy()
     return ((probs[:, 0] > 0.5) * LUNGS_BIT | (probs[:, 1] > 0.5) * HEART_BIT).astype(np.uint8)
 
 
 @torch.no_grad()
-def predict_shard(unet_path: str, images_root: str, rows: slice, batch_size: int = 128) -> np.ndarray:
-    """Masks of the images `rows` of a store, by the saved U-Net (loaded once per worker process)."""
+def predict_shard(unet_path: str, images_root: str, rows: slice, batch_size: int = 128
+                  ) -> tuple[np.ndarray, list[Check]]:
+    """Cleaned masks of the images `rows` of a store, by the saved U-Net (loaded once per worker
+    process), and each one's plausibility check."""
     net, meta = cached(("unet", *file_key(unet_path)), lambda: load_unet(unet_path))
     images = ArrayStore(images_root)
     idx = np.arange(images.count)[rows]
-    return np.concatenate([predict_masks(net, batch, meta["size"], images.item_shape[-1])
-                           for _, batch in images.iter_batches(batch_size, idx)])
+    raw = np.concatenate([predict_masks(net, batch, meta["size"], images.item_shape[-1])
+                          for _, batch in images.iter_batches(batch_size, idx)])
+    return clean_and_check(raw)
 
 
-def predict_store(engine: Engine, unet_path, images: ArrayStore, out_dir, shard_size: int) -> ArrayStore:
-    """Predict a mask for every image of a store; each shard of the output is one task."""
+def predict_store(engine: Engine, unet_path, images: ArrayStore, out_dir, shard_size: int
+                  ) -> tuple[ArrayStore, list[Check]]:
+    """Predict, clean and check a mask for every image of a store; each shard of the output is one
+    task. Returns the store and one check per row."""
     tasks = ((str(unet_path), str(images.root.resolve()), s) for s in shard_slices(len(images), shard_size))
-    return write_store(out_dir, engine.map(predict_shard, tasks), np.uint8, shard_size,
-                       attrs={"bits": {"lungs": LUNGS_BIT, "heart": HEART_BIT}})
+    checks: list[Check] = []
+
+    def masks_of(results):
+        for masks, shard_checks in results:
+            checks.extend(shard_checks)
+            yield masks
+
+    store = write_store(out_dir, masks_of(engine.map(predict_shard, tasks)), np.uint8, shard_size,
+                        attrs={"bits": {"lungs": LUNGS_BIT, "heart": HEART_BIT}})
+    return store, checks
 
 
 STRUCTURE_BITS = (("lungs", LUNGS_BIT), ("heart", HEART_BIT))
@@ -150,6 +221,23 @@ def evaluate_stores(pred: ArrayStore, truth: ArrayStore, rows: np.ndarray, batch
     return scores_from_counts(counts, len(rows))
 
 
+def evaluate_native(net: torch.nn.Module, held: "MaskSet", size: int) -> dict:
+    """Dice and IoU of the raw U-Net masks at each film's native mask resolution (probabilities
+    upsampled to it, compared with the native masks fitted like the film), one film at a time;
+    `resolution` says at which side(s)."""
+    counts, sides = np.zeros((len(STRUCTURE_BITS), 4)), set()
+    for i in range(len(held.images)):
+        loader = held.native[i] if held.native else None
+        truth = loader() if loader is not None else held.masks[i]
+        side = truth.shape[-1]
+        sides.add(side)
+        pred = predict_masks(net, held.images[i:i + 1], size, side)
+        counts += mask_counts(pred, truth[None], held.known[i:i + 1])
+    scores = scores_from_counts(counts, len(held.images))
+    scores["resolution"] = next(iter(sides)) if len(sides) == 1 else sorted(sides)
+    return scores
+
+
 def save_unet(path, net: torch.nn.Module, p: SegmentParams) -> None:
     save_tensors(path, net.state_dict(), {"arch": "smp.Unet", "encoder": p.encoder, "size": p.size,
                                           "structures": list(STRUCTURES)})
@@ -175,6 +263,7 @@ class MaskSet:
     masks: np.ndarray           # uint8 bit masks (N, S, S)
     known: np.ndarray           # bool (N, 2): lungs, heart annotated
     sources: list[str]
+    native: list[Callable[[], np.ndarray] | None] = field(default_factory=list)  # MaskRecord.native
 
 
 HELD_OUT = 0.15
@@ -183,10 +272,12 @@ HELD_OUT = 0.15
 def mask_sets(params: Params) -> tuple[MaskSet, MaskSet, list]:
     """(train, held-out, quarantined) from `segment.mask_sources`, split by patient; phantom masks stand
     in for a structure no source draws (all of them when no source is given). At most
-    `segment.n_train` training images."""
+    `segment.n_train` training images. Films and masks are fitted at `segment.size` (the data's fit
+    and trim), so the U-Net sees that many pixels of the original film."""
     from pipeline.data.masks import phantom as phantom_masks
 
-    p, data = params.segment, params.data
+    p = params.segment
+    data = params.data.model_copy(update={"image_size": p.size})
     records, quarantined = [], []
     for name, root in p.mask_sources.items():
         module = importlib.import_module(f"pipeline.data.masks.{name}")
@@ -207,6 +298,7 @@ def mask_sets(params: Params) -> tuple[MaskSet, MaskSet, list]:
 
     def stack(items) -> MaskSet:
         return MaskSet(np.stack([r.image for _, r in items]), np.stack([r.anatomy for _, r in items]),
-                       np.array([[s in r.known for s in STRUCTURES] for _, r in items], bool), [n for n, _ in items])
+                       np.array([[s in r.known for s in STRUCTURES] for _, r in items], bool), [n for n, _ in items],
+                       [r.native for _, r in items])
 
     return stack(train), stack(held), quarantined

@@ -26,7 +26,7 @@ def tiny_params() -> dict:
     p = yaml.safe_load((ROOT / "params.yaml").read_text())
     p["data"].update(image_size=64, shard_size=64)
     p["phantom"].update(n_patients=90)
-    p["segment"].update(n_train=48, epochs=3, size=32)
+    p["segment"].update(n_train=48, epochs=3, size=32, batch_size=8)  # 18 steps: masks that pass the anatomy checks
     p["train"].update(epochs=2, finetune_epochs=1, batch_size=32)
     p["evaluate"].update(n_cam_images=24, n_sanity_images=4, n_faithfulness_images=4)
     p["report"].update(grid_images=3)

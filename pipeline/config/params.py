@@ -115,15 +115,24 @@ class NihParams(_Section):
 
 class SegmentParams(_Section):
     encoder: str = "resnet18"
-    size: int = Field(64, ge=32)
+    # the U-Net's side: mask datasets' films and masks are fitted at it (not upsampled from data.image_size)
+    size: int = Field(64, ge=32, le=1024)
     n_train: int = Field(400, ge=4)
     epochs: int = Field(8, ge=1)
     batch_size: int = Field(32, ge=1)
     lr: float = Field(3e-3, gt=0)
     seed: int = 0
+    augment: bool = True       # small affine + brightness/contrast (pipeline/segmentation.py), seeded by seed
     # lung/heart mask datasets the U-Net learns from, name -> folder; {} = the data's own masks (the
     # phantom), or for a real dataset without masks, phantom masks (a fallback: domain gap)
     mask_sources: dict[Literal["montgomery", "shenzhen", "jsrt"], str] = {}
+
+    @field_validator("size")
+    @classmethod
+    def _whole_levels(cls, v: int) -> int:
+        if v % 16:
+            raise ValueError(f"{v} is not a multiple of 16 (the U-Net halves it four times)")
+        return v
 
     @field_validator("mask_sources")
     @classmethod

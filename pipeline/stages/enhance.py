@@ -6,6 +6,7 @@ import numpy as np
 import pandas as pd
 
 from pipeline import figures
+from pipeline.anatomy_checks import open_masks
 from pipeline.data.manifest import label_matrix, resolve_labels, rows
 from pipeline.data.store import ArrayStore
 from pipeline.engine import open_engine
@@ -23,7 +24,8 @@ def run(params, paths, args) -> None:
     labels = resolve_labels(params.data.labels, manifest)
     train_idx, val_idx = rows(manifest, "train"), rows(manifest, "val")
     targets = label_matrix(manifest, labels)[train_idx]
-    images, masks, cams = ArrayStore(paths.images), ArrayStore(paths.masks), ArrayStore(paths.cams(k))
+    # an implausible film's mask reads as the population prior (pipeline/anatomy_checks.py)
+    images, masks, cams = ArrayStore(paths.images), open_masks(paths.masks), ArrayStore(paths.cams(k))
     if cams.attrs.get("labels") != labels:
         raise ValueError(f"CAMs of c{k} are for labels {cams.attrs.get('labels')}, expected {labels}")
     with open_engine(params.engine) as engine:

@@ -4,6 +4,7 @@ import logging
 import numpy as np
 import pandas as pd
 
+from pipeline.anatomy_checks import load_plausibility
 from pipeline.data.store import ArrayStore
 from pipeline.evaluation import evaluate_cycle, headline
 from pipeline.io import atomic_path, read_json, write_json
@@ -21,7 +22,7 @@ def run(params, paths, args) -> None:
     grid_ids = read_json(paths.grid)["image_ids"][: params.report.grid_images]
     markers = pd.read_parquet(paths.audit_markers) if paths.audit_on else None
     scores, grid = evaluate_cycle(model, meta, params, manifest, boxes, ArrayStore(paths.images),
-                                  ArrayStore(paths.masks), grid_ids, markers)
+                                  ArrayStore(paths.masks), grid_ids, markers, load_plausibility(paths.masks))
     scores["model"] = {"path": str(paths.model(k) / "model.safetensors"),
                        "sha256": file_sha256(paths.model(k) / "model.safetensors"),
                        **{key: meta[key] for key in ("arch", "labels", "image_size", "parent", "data_hash",

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import cv2
 import numpy as np
@@ -19,6 +20,16 @@ class MaskRecord:
     known: tuple[str, ...]      # structures this dataset annotates ("lungs",) or ("lungs", "heart")
     patient_id: str             # for a patient-level held-out split
     source_path: str
+    # the same masks fitted the same way at their own resolution (native_side), read again on demand:
+    # Dice is measured there, not at the U-Net's input size; None = `anatomy` is already native
+    native: Callable[[], np.ndarray] | None = None
+
+
+NATIVE_MAX = 2048  # a larger mask is scored at this side (its outline is smooth: Dice changes < 1e-3)
+
+
+def native_side(mask_shape: tuple[int, ...]) -> int:
+    return int(min(max(mask_shape), NATIVE_MAX))
 
 
 def find_root(root: Path, marker: str) -> Path:
@@ -35,13 +46,25 @@ def fit_pair(image: np.ndarray, lungs: np.ndarray, heart: np.ndarray | None, p: 
              ) -> tuple[np.ndarray, np.ndarray]:
     """An image (float [0, 1], original size) and its masks (bool, any size) -> prepared image and bits."""
     img, _ = fit_square(image, p)
-    bits = np.zeros(img.shape, np.uint8)
+    return img, fit_masks(image.shape, lungs, heart, p)
+
+
+def fit_masks(image_shape: tuple[int, int], lungs: np.ndarray, heart: np.ndarray | None, p: DataParams
+              ) -> np.ndarray:
+    """Bits (p.image_size square) of masks laid over an image of `image_shape`, fitted like the image."""
+    bits = np.zeros((p.image_size, p.image_size), np.uint8)
     for mask, bit in ((lungs, LUNGS_BIT), (heart, HEART_BIT)):
         if mask is None:
             continue
-        resized = cv2.resize(mask.astype(np.float32), (image.shape[1], image.shape[0]), interpolation=cv2.INTER_LINEAR)
+        resized = cv2.resize(mask.astype(np.float32), (image_shape[1], image_shape[0]), interpolation=cv2.INTER_LINEAR)
         fitted, _ = fit_square(resized, p)
         bits |= (fitted > 127).astype(np.uint8) * bit
-    return img, bits
+    return bits
+
+
+def fit_native(image_shape: tuple[int, int], lungs: np.ndarray, heart: np.ndarray | None, p: DataParams
+               ) -> np.ndarray:
+    """`fit_masks` at the masks' own side (the fit, trim and crop of `p`, not its image_size)."""
+    return fit_masks(image_shape, lungs, heart, p.model_copy(update={"image_size": native_side(lungs.shape)}))
 
 

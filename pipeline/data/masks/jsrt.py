@@ -6,6 +6,7 @@ and `masks/right lung/` GIFs (`fold1/`, `fold2/` or flat), matched by stem.
 """
 from __future__ import annotations
 
+from functools import partial
 from pathlib import Path
 from typing import Iterator
 
@@ -13,7 +14,7 @@ import numpy as np
 
 from pipeline.config import DataParams
 from pipeline.data.decode import DecodeError, decode
-from pipeline.data.masks.common import MaskRecord, fit_pair
+from pipeline.data.masks.common import MaskRecord, fit_native, fit_pair
 from pipeline.data.record import Quarantined
 
 RAW_SIDE = 2048
@@ -31,6 +32,15 @@ def _masks(root: Path, structure: str) -> dict[str, Path]:
     return {p.stem: p for p in sorted(root.rglob(f"masks/{structure}/*.gif"))}
 
 
+def _read_masks(left: Path, right: Path, heart: Path) -> tuple[np.ndarray, np.ndarray]:
+    return (decode(left).pixels > 0.5) | (decode(right).pixels > 0.5), decode(heart).pixels > 0.5
+
+
+def native_masks(left: Path, right: Path, heart: Path, image_shape: tuple[int, int], p: DataParams) -> np.ndarray:
+    """The SCR masks at their own side (1024), fitted like the image (MaskRecord.native)."""
+    return fit_native(image_shape, *_read_masks(left, right, heart), p)
+
+
 def mask_records(root: str | Path, p: DataParams) -> Iterator[MaskRecord | Quarantined]:
     root = Path(root)
     heart, left, right = (_masks(root, s) for s in ("heart", "left lung", "right lung"))
@@ -46,10 +56,10 @@ def mask_records(root: str | Path, p: DataParams) -> Iterator[MaskRecord | Quara
             continue
         try:
             image = read_raw(path) if path.suffix.lower() == ".img" else decode(path, max_pixels=p.max_pixels).pixels
-            lungs = (decode(left[stem]).pixels > 0.5) | (decode(right[stem]).pixels > 0.5)
-            heart_mask = decode(heart[stem]).pixels > 0.5
+            lungs, heart_mask = _read_masks(left[stem], right[stem], heart[stem])
         except DecodeError as err:
             yield Quarantined(rel, str(err))
             continue
         img, bits = fit_pair(image, lungs, heart_mask, p)
-        yield MaskRecord(img, bits, ("lungs", "heart"), f"jsrt:{stem}", rel)
+        native = partial(native_masks, left[stem], right[stem], heart[stem], image.shape, p)
+        yield MaskRecord(img, bits, ("lungs", "heart"), f"jsrt:{stem}", rel, native)

@@ -2,13 +2,20 @@
 `mask/CHNCXR_0001_0_mask.png` (`masks/` in some copies). Lungs only; images without a mask are skipped."""
 from __future__ import annotations
 
+from functools import partial
 from pathlib import Path
 from typing import Iterator
 
+import numpy as np
+
 from pipeline.config import DataParams
 from pipeline.data.decode import DecodeError, decode
-from pipeline.data.masks.common import MaskRecord, find_root, fit_pair
+from pipeline.data.masks.common import MaskRecord, find_root, fit_native, fit_pair
 from pipeline.data.record import Quarantined
+
+
+def native_masks(mask: Path, image_shape: tuple[int, int], p: DataParams) -> np.ndarray:
+    return fit_native(image_shape, decode(mask, max_pixels=p.max_pixels).pixels > 0.5, None, p)
 
 
 def mask_records(root: str | Path, p: DataParams) -> Iterator[MaskRecord | Quarantined]:
@@ -28,4 +35,4 @@ def mask_records(root: str | Path, p: DataParams) -> Iterator[MaskRecord | Quara
             yield Quarantined(rel, str(err))
             continue
         img, bits = fit_pair(image, lungs, None, p)
-        yield MaskRecord(img, bits, ("lungs",), f"shenzhen:{path.stem}", rel)
+        yield MaskRecord(img, bits, ("lungs",), f"shenzhen:{path.stem}", rel, partial(native_masks, mask, image.shape, p))
