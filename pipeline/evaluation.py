@@ -37,7 +37,8 @@ AUDIT_KEYS = ("marker_pointing", "cam_on_marker")
 
 def headline(scores: dict) -> dict:
     """The scores `dvc metrics show/diff` compare across cycles and experiments (metrics.json)."""
-    return {k: scores.get(k) for k in (*SUMMARY_KEYS, "auroc_shifted", *AUDIT_KEYS)}
+    out = {k: scores.get(k) for k in (*SUMMARY_KEYS, "auroc_shifted")}
+    return out | {k: scores[k] for k in AUDIT_KEYS if scores.get(k) is not None}  # with the audit on
 
 
 def _mean(values) -> float | None:

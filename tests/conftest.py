@@ -60,6 +60,17 @@ def real_data_root() -> Path | None:
     return root if (root / "kermany-224").is_dir() and (root / "jsrt-scr").is_dir() else None
 
 
+def link_jsrt(jsrt: Path, dest: Path, n: int) -> Path:
+    """`n` JSRT films and their three SCR masks as links, in the download layout."""
+    stems = sorted(p.stem for p in (jsrt / "images").glob("*.png"))[:: max(1, 247 // n)][:n]
+    for stem in stems:
+        for sub, name in [("images", f"{stem}.png")] + [(f"masks/{s}", f"{stem}.gif")
+                                                        for s in ("heart", "left lung", "right lung")]:
+            (dest / sub).mkdir(parents=True, exist_ok=True)
+            (dest / sub / name).symlink_to(jsrt / sub / name)
+    return dest
+
+
 @pytest.fixture(scope="session")
 def real_data() -> Path:
     """The real radiographs; a test that needs them fails under CI (``CI`` set) when they are missing,
@@ -72,6 +83,29 @@ def real_data() -> Path:
             pytest.fail(message)
         pytest.skip(message)
     return root
+
+
+# Debian's Chromium driven by Playwright (installed by .ci/run); Playwright's own download does not work here
+CHROMIUM = os.environ.get("CXR_CHROMIUM", "/usr/bin/chromium")
+FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+         "--disable-component-update", "--no-first-run"]
+
+
+@pytest.fixture(scope="module")
+def browser():
+    if not (shutil.which(CHROMIUM) or Path(CHROMIUM).is_file()):
+        msg = f"{CHROMIUM} not found: `apt-get install -y chromium` (.ci/run does)"
+        if os.environ.get("CI"):
+            pytest.fail(msg)
+        pytest.skip(msg)
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, args=FLAGS, headless=True)
+        try:
+            yield b
+        finally:
+            b.close()
 
 
 @pytest.fixture(scope="session")

@@ -15,7 +15,6 @@ import pandas as pd
 import pytest
 import yaml
 
-from pipeline.evaluation import AUDIT_KEYS
 from pipeline.report import SUMMARY_KEYS
 from tests.conftest import ROOT, make_project, tiny_params
 
@@ -108,7 +107,7 @@ def test_metrics_show_lists_headline_scores_per_cycle(repro_project):
     proc = dvc(repro_project, "metrics", "show", "--json")
     files = next(iter(json.loads(proc.stdout).values()))["data"]
     c2 = files["reports/cycles/c2/metrics.json"]["data"]
-    assert set(c2) == {*SUMMARY_KEYS, "auroc_shifted", *AUDIT_KEYS} and c2["cycle"] == 2
+    assert set(c2) == {*SUMMARY_KEYS, "auroc_shifted"} and c2["cycle"] == 2   # no audit: no marker figures
     summary = json.loads((repro_project / "reports" / "summary.json").read_text())
     assert c2["accuracy_shifted"] == summary["cycles"][2]["accuracy_shifted"]
     assert "reports/segment/metrics.json" in files
@@ -176,7 +175,7 @@ def test_flow_against_a_running_prefect_server(repro_project, tmp_path):
         with urllib.request.urlopen(req, timeout=10) as r:
             n_tasks = json.load(r)
         ran = len(json.loads((repro_project / "reports" / "summary.json").read_text())["cycles"]) - 1
-        assert n_tasks == 4 + 4 * ran + 2  # 4 set-up stages, 4 per cycle run, the sanity checks, the report
+        assert n_tasks == 5 + 4 * ran + 2  # 5 set-up stages (audit included), 4 per cycle, sanity, report
     finally:
         os.killpg(server.pid, signal.SIGTERM)
         server.wait(timeout=30)

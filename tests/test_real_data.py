@@ -15,30 +15,17 @@ import pandas as pd
 import pytest
 
 from pipeline.io import read_json
-from tests.browser_support import browser  # noqa: F401 (the fixture)
-from tests.conftest import make_project, tiny_params
+from tests.conftest import link_jsrt, make_project, tiny_params
 
 N_FILMS = 300
 N_JSRT = 80
-
-
-def jsrt_subset(jsrt: Path, dest: Path, n: int) -> Path:
-    """`n` JSRT films with their three SCR masks, as links (the download layout, nothing copied)."""
-    stems = sorted(p.stem for p in (jsrt / "images").glob("*.png"))[:: max(1, 247 // n)][:n]
-    for stem in stems:
-        (dest / "images").mkdir(parents=True, exist_ok=True)
-        (dest / "images" / f"{stem}.png").symlink_to(jsrt / "images" / f"{stem}.png")
-        for structure in ("heart", "left lung", "right lung"):
-            (dest / "masks" / structure).mkdir(parents=True, exist_ok=True)
-            (dest / "masks" / structure / f"{stem}.gif").symlink_to(jsrt / "masks" / structure / f"{stem}.gif")
-    return dest
 
 
 def real_params(real_data: Path, jsrt: Path) -> dict:
     p = tiny_params()
     p["data"].update(source="kermany", root=str(real_data / "kermany-224" / "chest_xray"), limit=N_FILMS)
     p["segment"].update(mask_sources={"jsrt": str(jsrt)}, size=64, epochs=6, n_train=N_JSRT)
-    p["train"].update(epochs=4, finetune_epochs=2)
+    p["train"].update(epochs=8, finetune_epochs=2, batch_size=16)   # ~10 steps an epoch on ~130 films
     p["evaluate"].update(n_cam_images=100)
     p["audit"] = {"enabled": True, "label": "Pneumonia", "p": 0.95, "size": 0.12, "seed": 0}
     p["sanity"]["label_permutation"] = False
@@ -49,7 +36,7 @@ def real_params(real_data: Path, jsrt: Path) -> dict:
 @pytest.fixture(scope="module")
 def real_run(real_data, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("real")
-    jsrt = jsrt_subset(real_data / "jsrt-scr", tmp / "jsrt", N_JSRT)
+    jsrt = link_jsrt(real_data / "jsrt-scr", tmp / "jsrt", N_JSRT)
     project = make_project(tmp / "project", real_params(real_data, jsrt))
     t0 = time.monotonic()
     done = subprocess.run([sys.executable, "-m", "dvc", "repro", "report"], cwd=project, capture_output=True,

@@ -3,7 +3,6 @@ fitted at segment.size, scored at the masks' own 1024 px, and the plausibility c
 
 Needs the real films (CXR_REAL_DATA, default ../shared/data): skipped without them, failed under CI.
 """
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,20 +11,10 @@ from pipeline.anatomy_checks import check, clean_and_check, postprocess
 from pipeline.config import DataParams, Params, SegmentParams
 from pipeline.data.record import HEART_BIT, LUNGS_BIT
 from pipeline.segmentation import evaluate_native, mask_sets, probabilities, train_unet
+from tests.conftest import link_jsrt
 from tests.fixtures.anatomy import broken_variants
 
 N_FILMS = 40
-
-
-def link_jsrt(jsrt: Path, dest: Path, n: int) -> Path:
-    """`n` JSRT films and their three SCR masks as links, in the download layout."""
-    stems = sorted(p.stem for p in (jsrt / "images").glob("*.png"))[:: max(1, 247 // n)][:n]
-    for stem in stems:
-        for sub, name in [("images", f"{stem}.png")] + [(f"masks/{s}", f"{stem}.gif")
-                                                        for s in ("heart", "left lung", "right lung")]:
-            (dest / sub).mkdir(parents=True, exist_ok=True)
-            (dest / sub / name).symlink_to(jsrt / sub / name)
-    return dest
 
 
 @pytest.fixture(scope="module")

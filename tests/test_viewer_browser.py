@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.browser_support import artefacts, browser, login, open_page, title_is  # noqa: F401 (fixture)
+from tests.browser_support import artefacts, login, open_page, title_is
 from tests.conftest import ROOT
 from tests.viewer_support import bad_files, running_viewer
 

@@ -262,9 +262,12 @@ class Engine:
     def _mask(self, image: np.ndarray) -> np.ndarray | None:
         if self.unet is None:
             return None
+        from pipeline.anatomy_checks import postprocess
         from pipeline.segmentation import predict_masks
 
-        return predict_masks(self.unet, image[None], int(self.unet_meta.get("size", 64)), image.shape[-1])[0]
+        # cleaned as the pipeline cleans every mask (two largest lungs, largest heart): the same shares
+        mask = predict_masks(self.unet, image[None], int(self.unet_meta.get("size", 64)), image.shape[-1])[0]
+        return postprocess(mask)[0]
 
     @staticmethod
     def _shares(cams: np.ndarray, mask: np.ndarray | None, labels: list[str]) -> list[float | None]:
