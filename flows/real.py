@@ -16,29 +16,27 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
 import time
 from pathlib import Path
 
-import yaml
 from prefect import flow, get_run_logger
 
 from flows.compare import check_committed, collect, run_policy
-from pipeline.config import ConfigError, Paths
+from pipeline.audit import read_audit_summary
+from pipeline.config import ConfigError, Paths, real_data_dir
 from pipeline.enhance import POLICIES
 from pipeline.presets import dvc_set_args, resolve
 from pipeline.report import build_policy_comparison, format_policy_table
 
 PRESET = "real-kermany-jsrt"
 EXP_PREFIX = "real-"
-ROOT = Path(__file__).resolve().parents[1]
 # the claim on real films, last cycle vs cycle 0 (README, "Real radiographs")
 TARGETS = {"cam_in_anatomy_gain": 0.25, "shortcut_gap_max": 0.03, "auroc_drop_max": 0.02}
 
 
 def default_folders() -> tuple[Path, Path]:
-    base = Path(os.environ.get("CXR_REAL_DATA") or ROOT.parent / "shared" / "data")
+    base = real_data_dir()
     return base / "kermany-224" / "chest_xray", base / "jsrt-scr"
 
 
@@ -91,12 +89,12 @@ def real(root: str = ".", kermany: str | None = None, jsrt: str | None = None,
         times[policy] = round(time.monotonic() - start, 1)
         logger.info("real-%s finished in %.1f min", policy, times[policy] / 60)
     results = collect(root, names, EXP_PREFIX)
+    paths = Paths(root)
     extra = {"kermany": str(k_dir), "jsrt": str(j_dir), "seconds": times,
              "total_seconds": round(time.monotonic() - t0, 1),
              "targets": {policy: targets(cycles) for policy, cycles in results.items()},
-             "audit": yaml.safe_load(Paths(root).audit_summary.read_text())
-             if Paths(root).audit_summary.is_file() else None}
-    summary = build_policy_comparison(params, Paths(root), results, name="real", exp_prefix=EXP_PREFIX, extra=extra)
+             "audit": read_audit_summary(paths.audit_summary)}
+    summary = build_policy_comparison(params, paths, results, name="real", exp_prefix=EXP_PREFIX, extra=extra)
     logger.info("real films (unmodified test images):\n%s", format_policy_table(summary))
     return summary
 

@@ -33,7 +33,7 @@ from pipeline.config import AuditParams
 from pipeline.data.phantom import letter_glyph
 from pipeline.data.sources.phantom import marker_agrees
 from pipeline.data.store import ArrayStore, ArrayStoreWriter
-from pipeline.io import write_json, write_parquet
+from pipeline.io import read_json, write_json, write_parquet
 
 log = logging.getLogger(__name__)
 
@@ -175,3 +175,19 @@ def marker_scores(cams: np.ndarray, boxes: list, tolerance_px: int) -> dict:
             shares.append(share)
     return {"marker_pointing": float(np.mean(hits)) if hits else None,
             "cam_on_marker": float(np.mean(shares)) if shares else None, "n_marked": len(hits)}
+
+
+def read_audit_summary(path: Path) -> dict:
+    """data/audit/audit.json; `{"enabled": False}` where the audit stage has not run."""
+    return read_json(path) if Path(path).is_file() else {"enabled": False}
+
+
+def audit_note(audit: dict | None) -> str | None:
+    """One sentence saying the shortcut audit is on (the report and the model card print it)."""
+    if not audit or not audit.get("enabled"):
+        return None
+    shifted = audit.get("splits", {}).get("test_shifted", {})
+    return (f"Shortcut audit ON: a marker was planted outside the predicted anatomy, agreeing with "
+            f"{audit['label']} with probability {audit['p']} in train/val/test and disagreeing in a test_shifted "
+            f"copy of the {shifted.get('films', '?')} test films (pipeline/audit.py). Test scores include the "
+            f"marker; accuracy_shifted and shortcut_gap measure how much the model relies on it.")

@@ -8,6 +8,7 @@ import numpy as np
 import pandas as pd
 
 from pipeline import figures
+from pipeline.audit import audit_note, read_audit_summary
 from pipeline.config import Params, Paths
 from pipeline.cycle_control import decide
 from pipeline.data.manifest import label_matrix
@@ -46,17 +47,6 @@ def summary(params: Params, cycles: list[dict], stop_reason: str | None, audit: 
         "stop_reason": stop_reason,
         "audit": audit,
     }
-
-
-def audit_note(audit: dict | None) -> str | None:
-    """One sentence saying the shortcut audit is on (the report and the model card print it)."""
-    if not audit or not audit.get("enabled"):
-        return None
-    shifted = audit.get("splits", {}).get("test_shifted", {})
-    return (f"Shortcut audit ON: a marker was planted outside the predicted anatomy, agreeing with "
-            f"{audit['label']} with probability {audit['p']} in train/val/test and disagreeing in a test_shifted "
-            f"copy of the {shifted.get('films', '?')} test films (pipeline/audit.py). Test scores include the "
-            f"marker; accuracy_shifted and shortcut_gap measure how much the model relies on it.")
 
 
 def format_table(cycles: list[dict]) -> str:
@@ -186,8 +176,7 @@ def build_report(params: Params, paths: Paths, stop_reason: str | None = None,
     decision = decide(cycles, params.flow)
     if stop_reason is None:
         stop_reason = decision.reason or f"completed all {len(cycles) - 1} refinement cycles"
-    audit = read_json(paths.audit_summary) if paths.audit_summary.is_file() else {"enabled": False}
-    result = summary(params, cycles, stop_reason, audit)
+    result = summary(params, cycles, stop_reason, read_audit_summary(paths.audit_summary))
     labels = result["labels"]
     fig_dir = paths.root / "reports" / "figures"
 

@@ -10,6 +10,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from pipeline.config import real_data_dir
+
 ROOT = Path(__file__).resolve().parents[1]
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -53,12 +55,6 @@ def make_project(dest: Path, params: dict) -> Path:
     return dest
 
 
-def real_data_root() -> Path | None:
-    """The folder of real radiographs (``kermany-224/``, ``jsrt-scr/``): ``$CXR_REAL_DATA``, else
-    ``../shared/data`` beside the repository; None when it is not there."""
-    root = Path(os.environ.get("CXR_REAL_DATA") or ROOT.parent / "shared" / "data")
-    return root if (root / "kermany-224").is_dir() and (root / "jsrt-scr").is_dir() else None
-
 
 def link_jsrt(jsrt: Path, dest: Path, n: int) -> Path:
     """`n` JSRT films and their three SCR masks as links, in the download layout."""
@@ -75,10 +71,9 @@ def link_jsrt(jsrt: Path, dest: Path, n: int) -> Path:
 def real_data() -> Path:
     """The real radiographs; a test that needs them fails under CI (``CI`` set) when they are missing,
     and is skipped elsewhere."""
-    root = real_data_root()
-    if root is None:
-        where = os.environ.get("CXR_REAL_DATA") or ROOT.parent / "shared" / "data"
-        message = f"real radiographs not found at {where} (set CXR_REAL_DATA; see README, Real datasets)"
+    root = real_data_dir()
+    if not ((root / "kermany-224").is_dir() and (root / "jsrt-scr").is_dir()):
+        message = f"real radiographs not found at {root} (set CXR_REAL_DATA; see README, Real datasets)"
         if os.environ.get("CI"):
             pytest.fail(message)
         pytest.skip(message)

@@ -8,9 +8,9 @@ from pipeline.config.params import (SOURCES, AuditParams, AugmentParams, CamPara
                                     DataParams, EngineParams, EnhanceParams, EvaluateParams, FlowParams,
                                     KermanyParams, NihParams, Params, PhantomParams, ReportParams, SanityParams,
                                     SegmentParams, SplitFractions, TrainParams, Uncertainty, load_params)
-from pipeline.config.paths import Paths
+from pipeline.config.paths import Paths, real_data_dir
 
 __all__ = ["SOURCES", "AuditParams", "AugmentParams", "CamParams", "ChexpertParams", "ConfigError", "CycleItem", "DataParams",
            "EngineParams", "EnhanceParams", "EvaluateParams", "FlowParams", "KermanyParams", "NihParams", "Params",
-           "Paths", "PhantomParams", "ReportParams", "SanityParams", "SegmentParams", "SplitFractions",
+           "Paths", "real_data_dir", "PhantomParams", "ReportParams", "SanityParams", "SegmentParams", "SplitFractions",
            "TrainParams", "Uncertainty", "load_params"]

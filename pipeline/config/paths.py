@@ -5,6 +5,15 @@ import os
 from pathlib import Path
 
 
+REAL_DATA_ENV = "CXR_REAL_DATA"
+
+
+def real_data_dir() -> Path:
+    """Where the real radiographs live by default (`kermany-224/`, `jsrt-scr/`): $CXR_REAL_DATA, else
+    ../shared/data beside the repository. `make real` and the real-data tests both start here."""
+    return Path(os.environ.get(REAL_DATA_ENV) or Path(__file__).resolve().parents[3] / "shared" / "data")
+
+
 class Paths:
     """Every artefact path, relative to the project root. dvc.yaml mirrors these.
 

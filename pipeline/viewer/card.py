@@ -9,7 +9,7 @@ import yaml
 
 from pipeline.io import read_json
 from pipeline.metrics.sanity import SANITY_MAX
-from pipeline.report import audit_note
+from pipeline.audit import audit_note
 
 log = logging.getLogger(__name__)
 
