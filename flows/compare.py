@@ -16,6 +16,7 @@ from pathlib import Path
 
 from prefect import flow, get_run_logger, task
 
+from pipeline.compute import clean_thread_env
 from pipeline.config import ConfigError, Paths, load_params
 from pipeline.enhance import POLICIES
 from pipeline.report import build_policy_comparison, format_policy_table
@@ -25,7 +26,7 @@ EXP_PREFIX = "policy-"
 
 def _dvc(args: list[str], root: str, check: bool = True) -> subprocess.CompletedProcess:
     proc = subprocess.run([sys.executable, "-m", "dvc", *args], cwd=root, capture_output=True, text=True,
-                          env={**os.environ, "DVC_NO_ANALYTICS": "1"})
+                          env={**clean_thread_env(os.environ), "DVC_NO_ANALYTICS": "1"})
     if check and proc.returncode:
         tail = "\n".join((proc.stdout + proc.stderr).strip().splitlines()[-15:])
         raise RuntimeError(f"dvc {' '.join(args)} failed (exit {proc.returncode}):\n{tail}")

@@ -18,6 +18,7 @@ from typing import Iterator
 
 from prefect import flow, get_run_logger, task
 
+from pipeline.compute import clean_thread_env
 from pipeline.config import ConfigError, EngineParams, Paths, load_params
 from pipeline.engine import ADDRESS_ENV, local_cluster, resolve
 from pipeline.cycle_control import decide
@@ -28,7 +29,8 @@ from pipeline.report import TABLE_KEYS, format_table, sanity_lines
 def _run(cmd: list[str], root: Path, dask_address: str | None = None) -> None:
     logger = get_run_logger()
     logger.info("$ %s", " ".join(cmd))
-    env = {**os.environ, "DVC_NO_ANALYTICS": "1", **({ADDRESS_ENV: dask_address} if dask_address else {})}
+    # the stage sets its own threads (compute.threads): none of the cluster's OMP_NUM_THREADS=1 leaks in
+    env = {**clean_thread_env(os.environ), "DVC_NO_ANALYTICS": "1", **({ADDRESS_ENV: dask_address} if dask_address else {})}
     proc = subprocess.run(cmd, cwd=root, capture_output=True, text=True, env=env)
     tail = "\n".join((proc.stdout + proc.stderr).strip().splitlines()[-15:])
     if proc.returncode:

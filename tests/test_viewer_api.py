@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.viewer_support import (PASSWORD, USER, bad_files, dicom, film, jpeg, png, running_viewer,
+from tests.viewer_support import (PASSWORD, USER, bad_files, dicom, film, jpeg, png, running_viewer, serve_cycle,
                                   start_viewer, trained_project, untrained_project)
 
 pytestmark = pytest.mark.filterwarnings("ignore::ResourceWarning")
@@ -206,6 +206,7 @@ def test_a_newly_trained_model_is_served_without_a_restart(tmp_path):
     src, project = trained_project(), tmp_path / "p"
     shutil.copytree(src / "models", project / "models")
     shutil.copy(src / "params.yaml", project / "params.yaml")
+    serve_cycle(project, 1)
     engine = Engine(project)
     first = engine.analyse(png(film()))
     assert first.latest.cycle == 1

@@ -25,7 +25,7 @@ import yaml
 
 from tests.conftest import tiny_params
 from tests.reliability import record
-from tests.viewer_support import PASSWORD, USER, film, png, start_viewer, trained_project
+from tests.viewer_support import PASSWORD, USER, film, png, serve_cycle, start_viewer, trained_project
 
 MB = 1024 * 1024
 
@@ -536,12 +536,18 @@ def test_view_position_is_an_allow_list(tmp_path, view, expected):
     assert decode(path.read_bytes(), max_pixels=10**6, id_salt="").view == expected
 
 
-def test_a_hot_reload_never_mixes_two_models_in_one_analysis():
+def test_a_hot_reload_never_mixes_two_models_in_one_analysis(tmp_path):
     """The swap lands the instant the analysis releases the engine lock: labels and thresholds must come
     from the model that produced the probabilities."""
+    import shutil
+
     from pipeline.viewer.engine import Engine
 
-    engine = Engine(trained_project())
+    project = tmp_path / "p"
+    shutil.copytree(trained_project() / "models", project / "models")
+    shutil.copy(trained_project() / "params.yaml", project / "params.yaml")
+    serve_cycle(project, 1)
+    engine = Engine(project)
     engine.load()
     first, other = engine.latest, engine.baseline
     assert first is not other and first.meta["thresholds"] != other.meta["thresholds"]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import atexit
 import io
+import json
 import os
 import re
 import shutil
@@ -50,6 +51,14 @@ def trained_project() -> Path:
         assert (dest / "models" / "latest.json").is_file()
         _cache["project"] = dest
     return _cache["project"]
+
+
+def serve_cycle(project: Path, cycle: int) -> None:
+    """Point models/latest.json at cycle `cycle`: the stop rule may serve cycle 0 on a tiny run (cycle 1
+    localising worse), and tests of a model swap need two different served models whatever it chose."""
+    latest = project / "models" / "latest.json"
+    info = json.loads(latest.read_text())
+    latest.write_text(json.dumps({**info, "cycle": cycle, "checkpoint": f"models/c{cycle}"}))
 
 
 def free_port() -> int:

@@ -161,7 +161,13 @@ class TrainParams(_Section):
     finetune_lr: float = Field(1e-3, gt=0)
     weight_decay: float = Field(1e-4, ge=0)
     augment: AugmentParams = AugmentParams()
-    num_threads: int = Field(0, ge=0)  # 0 = leave torch's default
+    # decode + augmentation in this many DataLoader worker processes (0 = in the training process);
+    # the batches are the same for any count
+    num_workers: int = Field(2, ge=0, le=64)
+    # a mid-epoch resume point every N optimiser steps (0 = only at the end of each epoch)
+    checkpoint_every_steps: int = Field(0, ge=0)
+    # DDP: the train stage launches torchrun with this many processes (GPUs, or gloo on the CPU)
+    nproc_per_node: int = Field(1, ge=1, le=64)
     seed: int = 0
     model_kwargs: dict = {}                       # builder options, e.g. {head: bn_mlp, pool: max}
     # partial fine-tuning: only the last N parameter tensors, or only these named modules, train
@@ -294,6 +300,27 @@ class EngineParams(_Section):
     in_flight: int | None = Field(None, ge=1)    # shard results held at once; None = 2 per worker
 
 
+class ComputeParams(_Section):
+    """Hardware and arithmetic for every torch stage and the viewer (pipeline/compute.py)."""
+    device: str = "auto"                          # auto | cpu | cuda | cuda:N | mps (auto: CUDA when present)
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"  # autocast; fp16 with a GradScaler (GPU only)
+    threads: int = Field(0, ge=0)                 # torch CPU threads per stage; 0 = every core, never inherited
+
+    @field_validator("device")
+    @classmethod
+    def _known_device(cls, v: str) -> str:
+        from pipeline.compute import check_device
+
+        return check_device(v)
+
+    @model_validator(mode="after")
+    def _precision_on_device(self):
+        from pipeline.compute import check_precision, resolve_device
+
+        check_precision(self.precision, resolve_device(self.device))
+        return self
+
+
 class CycleItem(_Section):
     id: int = Field(ge=1)
     prev: int = Field(ge=0)
@@ -315,6 +342,7 @@ class Params(_Section):
     report: ReportParams = ReportParams()
     flow: FlowParams = FlowParams()
     engine: EngineParams = EngineParams()
+    compute: ComputeParams = ComputeParams()
     cycles: dict[str, CycleItem] = {"c1": CycleItem(id=1, prev=0)}
 
     @field_validator("cycles")

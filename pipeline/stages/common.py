@@ -16,8 +16,7 @@ import os
 import sys
 from typing import Callable
 
-import torch
-
+from pipeline.compute import set_threads
 from pipeline.config import ConfigError, Params, Paths, load_params
 
 DVC_STAGE = "DVC_STAGE"  # dvc sets it for every stage command it runs: the stage's address
@@ -39,8 +38,7 @@ def stage_main(name: str, body: Callable[[Params, Paths, argparse.Namespace], No
         params = load_params(args.params)
         if "cycle" in vars(args):
             args.cycle = stage_cycle(name, args.cycle, params, os.environ.get(DVC_STAGE))
-        if params.train.num_threads:
-            torch.set_num_threads(params.train.num_threads)
+        set_threads(params.compute.threads)
         body(params, Paths(args.root, audit=params.audit.enabled), args)
     except (ConfigError, FileNotFoundError, ValueError) as err:
         log.error("%s failed: %s", name, err)
