@@ -15,6 +15,7 @@ import contextlib
 import logging
 import os
 import re
+from dataclasses import dataclass
 
 import torch
 
@@ -97,3 +98,26 @@ def grad_scaler(device: torch.device, precision: str) -> torch.amp.GradScaler | 
 def describe(device: torch.device, precision: str, threads: int) -> str:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
     return f"{name}, {precision}, {threads} CPU thread(s)"
+
+
+@dataclass(frozen=True)
+class Compute:
+    """A resolved `compute` section: the device and precision every torch call of a stage uses."""
+    device: torch.device = torch.device("cpu")
+    precision: str = "fp32"
+
+    @classmethod
+    def from_params(cls, p) -> "Compute":
+        """`p`: pipeline.config.ComputeParams."""
+        device = resolve_device(p.device)
+        return cls(device, check_precision(p.precision, device))
+
+    def autocast(self):
+        return autocast(self.device, self.precision)
+
+    @property
+    def on_gpu(self) -> bool:
+        return self.device.type != "cpu"
+
+
+CPU = Compute()
