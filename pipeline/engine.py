@@ -13,6 +13,7 @@ volume), and this package installed on the workers. `$CXR_DASK_ADDRESS` override
 """
 from __future__ import annotations
 
+import copy
 import logging
 import os
 from collections import deque
@@ -130,11 +131,38 @@ def open_engine(p: EngineParams) -> Iterator[Engine]:
         yield engine
 
 
-def local_cluster(p: EngineParams):
+def local_cluster(p: EngineParams, device: str = "auto"):
     """A LocalCluster sized by `p` (one task at a time per worker process; torch threads per task
-    from `p.threads_per_worker`); the refine flow starts one and shares it across its stages."""
+    from `p.threads_per_worker`); the refine flow starts one and shares it across its stages.
+
+    When `device` (compute.device) is auto or cuda and CUDA devices are visible, each worker owns one
+    GPU: its CUDA_VISIBLE_DEVICES names that GPU alone, so a task's `cuda` is its worker's own card
+    and N GPUs run N shard streams side by side (`p.workers` or one per GPU; more workers than GPUs
+    share them round-robin). Workers start with no CUDA context, so the variable, applied by each
+    worker's Nanny before any task runs, takes effect. `cuda:N` keeps every GPU visible to every worker."""
     from distributed import LocalCluster
 
-    return LocalCluster(n_workers=p.workers or os.cpu_count() or 1, threads_per_worker=1, processes=True,
-                        host="127.0.0.1", dashboard_address=None, silence_logs=logging.WARNING,
-                        scheduler_kwargs={"dashboard_address": "127.0.0.1:0"})  # health routes only, any free port
+    from pipeline import distributed as ddp
+
+    options = dict(threads_per_worker=1, processes=True, host="127.0.0.1", dashboard_address=None,
+                   silence_logs=logging.WARNING,
+                   scheduler_kwargs={"dashboard_address": "127.0.0.1:0"})  # health routes only, any free port
+    gpus = ddp.visible_gpus(device)
+    if not gpus:
+        return LocalCluster(n_workers=p.workers or os.cpu_count() or 1, **options)
+    n = p.workers or len(gpus)
+    # started empty, then one spec per worker: LocalCluster's `env=` would give every worker the same GPUs
+    cluster = LocalCluster(n_workers=0, memory_limit=1 / n, **options)
+    try:
+        for i in range(n):
+            spec = copy.deepcopy(cluster.new_spec)
+            spec["options"]["env"] = {**spec["options"].get("env", {}), "CUDA_VISIBLE_DEVICES": gpus[i % len(gpus)]}
+            cluster.worker_spec[f"gpu{i}"] = spec
+        # start them now, as LocalCluster's constructor does its own (and as dask-cuda's LocalCUDACluster
+        # does): a worker that cannot start raises here instead of leaving the cluster short
+        cluster.sync(cluster._correct_state)
+    except BaseException:
+        cluster.close()
+        raise
+    log.info("LocalCluster: %d workers on GPUs %s", n, ", ".join(gpus[i % len(gpus)] for i in range(n)))
+    return cluster

@@ -1,12 +1,16 @@
-"""Classifier training: masked multi-label BCE, AdamW + cosine schedule, best-on-val, resumable.
+"""Classifier training: masked multi-label BCE, AdamW + cosine schedule, best-on-val, resumable mid-epoch.
 
 Only parameters with `requires_grad` are optimised (partial fine-tuning, pipeline/models/freeze.py);
 BatchNorm layers that are wholly frozen stay in eval mode while the rest trains.
 
-Unknown labels (NaN) contribute no loss. After every epoch the full training state (weights,
-optimiser, schedule, RNG, history, best weights) is written atomically to a resume file, so a
-killed run continues from its last finished epoch and ends with the same weights as an
-uninterrupted one.
+Batches come from a DataLoader (pipeline/data/loader.py) whose workers read and augment; each batch is
+a pure function of (epoch, batch number), so the worker count changes nothing but speed. Forward
+passes run on `compute.device` under `compute.precision` (autocast; fp16 with a GradScaler).
+
+Unknown labels (NaN) contribute no loss. At the end of every epoch, and every `checkpoint_every`
+optimiser steps within one, the full training state (weights, optimiser, schedule, dropout RNG,
+the position in the epoch, history, best weights) is written atomically to a resume file, so a killed
+run continues from its last resume point and ends byte-identical to an uninterrupted one (on the CPU).
 
 Under `torchrun` (pipeline/distributed.py) the model is wrapped in DistributedDataParallel: every
 rank draws the same shuffled order and trains on its share of each global batch (so the effective
@@ -27,9 +31,10 @@ from torch import nn
 from tqdm import tqdm
 
 from pipeline import distributed
-from pipeline.data.dataset import iterate_batches, predict
+from pipeline.compute import CPU, Compute, grad_scaler
+from pipeline.data.dataset import predict
+from pipeline.data.loader import EpochBatches, batch_loader
 from pipeline.data.store import ArrayStore
-from pipeline.data.transforms import augmentation
 from pipeline.metrics.classification import choose_thresholds, classification_metrics
 from pipeline.io import remove_stale_temps
 from pipeline.models.checkpoint import CheckpointError, file_sha256, load_tensors, save_tensors
@@ -39,6 +44,7 @@ from pipeline.models.registry import create_model
 log = logging.getLogger(__name__)
 
 RESUME_FILE = "state.safetensors"
+RESUME_FORMAT = 2  # 2: per-(epoch, batch) seeds and mid-epoch resume points; older files are not continued
 # one row of the training history, in this order (the columns of reports/train/cK/history.csv)
 HISTORY_KEYS = ("epoch", "train_loss", "val_loss", "val_score", "lr")
 
@@ -90,6 +96,13 @@ def baseline_model(tp, n_labels: int, image_size: int) -> nn.Module:
         return create_model(tp.arch, n_labels, weights=tp.weights, image_size=image_size, **tp.model_kwargs)
 
 
+def run_options(params) -> dict:
+    """How (not what) a run trains, from params: device and precision, loader workers, resume points.
+    The train stage and the label-permutation twin pass these to `train_classifier`."""
+    return {"compute": Compute.from_params(params.compute), "num_workers": params.train.num_workers,
+            "checkpoint_every": params.train.checkpoint_every_steps}
+
+
 def baseline_spec(tp, epochs: int | None = None) -> TrainSpec:
     """Cycle 0's training schedule (optionally with another number of epochs)."""
     return TrainSpec(epochs or tp.epochs, tp.lr, tp.weight_decay, tp.batch_size, tp.seed, tp.augment)
@@ -128,7 +141,7 @@ def _opt_from_tensors(tensors: dict[str, torch.Tensor], groups: list) -> dict:
 
 
 def _read_resume(path: Path, fingerprint: str, model: nn.Module, opt: torch.optim.Optimizer,
-                 sched: torch.optim.lr_scheduler.LRScheduler, gen: torch.Generator) -> tuple[dict, dict] | None:
+                 sched: torch.optim.lr_scheduler.LRScheduler) -> tuple[dict, dict] | None:
     """(tensors, metadata) of the resume file when this run can continue from it, else None.
 
     A file from another configuration is ignored (an info line). One that cannot be read (truncated,
@@ -148,7 +161,7 @@ def _read_resume(path: Path, fingerprint: str, model: nn.Module, opt: torch.opti
         if main:
             log.info("ignoring resume state %s from a different configuration; training from scratch", path)
         return None
-    problem = _resume_problem(tensors, meta, model, opt, sched, gen)
+    problem = _resume_problem(tensors, meta, model, opt, sched)
     if problem is not None:
         if main:
             log.warning("discarding the resume state %s: %s; training from scratch", path, problem)
@@ -175,13 +188,12 @@ def _same_kind(saved, live) -> bool:
 
 
 def _resume_problem(tensors: dict[str, torch.Tensor], meta: dict, model: nn.Module, opt: torch.optim.Optimizer,
-                    sched: torch.optim.lr_scheduler.LRScheduler, gen: torch.Generator) -> str | None:
+                    sched: torch.optim.lr_scheduler.LRScheduler) -> str | None:
     """Why a resume file whose fingerprint matches still cannot be continued, or None."""
-    return _tensors_problem(tensors, model, opt, gen) or _settings_problem(meta, opt, sched)
+    return _tensors_problem(tensors, model, opt) or _settings_problem(meta, opt, sched)
 
 
-def _tensors_problem(tensors: dict[str, torch.Tensor], model: nn.Module, opt: torch.optim.Optimizer,
-                     gen: torch.Generator) -> str | None:
+def _tensors_problem(tensors: dict[str, torch.Tensor], model: nn.Module, opt: torch.optim.Optimizer) -> str | None:
     """Weights, optimiser state and generator states that are not this run's (names, shapes)."""
     live = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     for part in ("model", "best"):
@@ -198,9 +210,9 @@ def _tensors_problem(tensors: dict[str, torch.Tensor], model: nn.Module, opt: to
         names.setdefault(pid, set()).add(name)
     if len({frozenset(v) for v in names.values()}) > 1:
         return "its optimiser state is incomplete"
-    shuffle, dropout = tuple(gen.get_state().shape), tuple(torch.get_rng_state().shape)
+    dropout = tuple(torch.get_rng_state().shape)
     rngs = {k: tuple(v.shape) for k, v in tensors.items() if k.startswith("rng.") and v.dtype == torch.uint8}
-    if rngs.get("rng.shuffle") != shuffle or rngs.get("rng.torch") != dropout or any(
+    if rngs.get("rng.torch") != dropout or any(
             shape != dropout for k, shape in rngs.items() if k.startswith("rng.torch.")):
         return "its random generator states are missing or malformed"
     return None
@@ -212,60 +224,56 @@ def _settings_problem(meta: dict, opt: torch.optim.Optimizer,
     if not _same_kind(meta.get("param_groups"), opt.state_dict()["param_groups"]) \
             or not _same_kind(meta.get("sched"), sched.state_dict()):
         return "its optimiser or schedule settings are malformed"
-    epoch, history = meta.get("epoch"), meta.get("history")
-    if not (isinstance(epoch, int) and not isinstance(epoch, bool) and epoch >= 0 and isinstance(history, list)
-            and len(history) == epoch + 1
+    epoch, history, step = meta.get("epoch"), meta.get("history"), meta.get("step")
+    ints = (epoch, step, meta.get("best_epoch"))
+    if not (all(isinstance(v, int) and not isinstance(v, bool) for v in ints) and epoch >= -1 and step >= 0
+            and isinstance(history, list) and len(history) == epoch + 1
             and all(isinstance(row, dict) and set(HISTORY_KEYS) <= row.keys() for row in history)
-            and isinstance(meta.get("best_epoch"), int) and isinstance(meta.get("best_score"), (int, float))):
+            and (isinstance(meta.get("best_score"), (int, float)) or epoch == -1 and meta.get("best_score") is None)):
         return "its epoch, history or best score is malformed"
+    totals = meta.get("totals")
+    if not (isinstance(totals, list) and len(totals) == distributed.world_size()
+            and all(_same_kind(t, [0.0, 0]) for t in totals)):
+        return "its running loss totals are malformed (or from another number of ranks)"
     return None
 
 
 def train_classifier(model: nn.Module, spec: TrainSpec, labels: list[str], train: Rows, select: Rows,
                      resume_dir: Path, fingerprint_extra: dict | None = None, calibrate: Rows | None = None,
-                     keep_last: bool = False) -> dict:
+                     keep_last: bool = False, compute: Compute = CPU, num_workers: int = 0,
+                     checkpoint_every: int = 0) -> dict:
     """Train in place and load the weights that score best on `select` into `model`.
 
     Operating thresholds are chosen on `calibrate` (default: `select`), the images the model will
     meet. `keep_last`: keep the last epoch's weights instead (`select` is still scored every epoch).
+    `num_workers` DataLoader processes read and augment (the batches do not depend on it);
+    `checkpoint_every` > 0 writes a resume point every that many steps within an epoch.
     Returns {"history": [...per epoch...], "best_epoch", "best_score", "thresholds"}.
     """
     # dropout draws from torch's global generator: seed it from the spec inside a fork, so a run is
     # reproducible whatever ran before in the process, and the caller's RNG state is left as it was
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(spec.seed + distributed.rank())  # dropout differs between ranks, reproducibly
-        return _train(model, spec, labels, train, select, resume_dir, fingerprint_extra, calibrate, keep_last)
+        return _train(model, spec, labels, train, select, resume_dir, fingerprint_extra, calibrate, keep_last,
+                      compute, num_workers, checkpoint_every)
 
 
 class _OnDevice(nn.Module):
-    """Feeds CPU batches (pipeline.data.dataset.predict) to a model on a GPU and hands back CPU outputs."""
+    """Feeds CPU batches (pipeline.data.dataset.predict) to a model on `compute`'s device, in its
+    precision, and hands back float32 CPU outputs."""
 
-    def __init__(self, model: nn.Module, device: torch.device):
+    def __init__(self, model: nn.Module, compute: Compute):
         super().__init__()
-        self.model, self.device = model, device
+        self.model, self.compute = model, compute
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.model(x.to(self.device)).cpu()
-
-
-def _shard_batches(store: ArrayStore, indices: np.ndarray, targets: np.ndarray, batch_size: int,
-                   gen: torch.Generator, transform, rank: int, world: int):
-    """This rank's part of each global batch: every rank draws the same order (same seeded generator,
-    same draw as `iterate_batches`) and takes every `world`-th image of each batch of `batch_size`.
-
-    A last batch smaller than `world` lends some ranks a repeated image, so every rank steps as often
-    (a rank with no batch would leave the others waiting in the gradient all-reduce).
-    """
-    order = torch.randperm(len(indices), generator=gen).numpy()
-    for start in range(0, len(order), batch_size):
-        pos = order[start:start + batch_size]
-        mine = pos[rank::world] if len(pos) >= world else pos[[rank % len(pos)]]
-        yield from iterate_batches(store, indices[mine], targets[mine], len(mine), None, transform)
+        with self.compute.autocast():
+            return self.model(x.to(self.compute.device)).float().cpu()
 
 
 def _train(model: nn.Module, spec: TrainSpec, labels: list[str], train: Rows, select: Rows, resume_dir: Path,
-           fingerprint_extra: dict | None, calibrate: Rows | None, keep_last: bool = False) -> dict:
-    train_store, train_idx, train_targets = train.store, train.idx, train.targets
+           fingerprint_extra: dict | None, calibrate: Rows | None, keep_last: bool, compute: Compute,
+           num_workers: int, checkpoint_every: int) -> dict:
     calibrate = calibrate or select
     trainable = [name for name, p in model.named_parameters() if p.requires_grad]
     if not trainable:
@@ -276,68 +284,101 @@ def _train(model: nn.Module, spec: TrainSpec, labels: list[str], train: Rows, se
     rank, world, main = distributed.rank(), distributed.world_size(), distributed.is_main()
     # another world size shards the data differently: its resume state does not continue this run
     sharding = {"world_size": world} if world > 1 else {}
-    fingerprint = spec.fingerprint({**(fingerprint_extra or {}), "trainable": frozen_key, **sharding,
-                                    **({"keep_last": True} if keep_last else {})})
-    device = distributed.device()
+    precision = {"precision": compute.precision} if compute.precision != "fp32" else {}
+    fingerprint = spec.fingerprint({**(fingerprint_extra or {}), "trainable": frozen_key, **sharding, **precision,
+                                    "resume_format": RESUME_FORMAT, **({"keep_last": True} if keep_last else {})})
+    # under DDP each rank has its own GPU (cuda:LOCAL_RANK) or the CPU, as the backend chose
+    device = distributed.device() if world > 1 else compute.device
     if device.type != "cpu":
         model.to(device)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=spec.lr,
                             weight_decay=spec.weight_decay)
-    steps_per_epoch = max(1, -(-len(train_idx) // spec.batch_size))
+    batches = EpochBatches(train.store.root, train.idx, train.targets, spec.batch_size, spec.seed, spec.augment,
+                           rank, world)
+    steps_per_epoch = len(batches)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=spec.epochs * steps_per_epoch)
-    gen = torch.Generator().manual_seed(spec.seed)
-    transform = augmentation(spec.augment, spec.seed + rank)
+    scaler = grad_scaler(device, compute.precision)
     history: list[dict] = []
     best = {"score": -float("inf"), "epoch": -1, "state": None}
-    start_epoch = 0
+    start_epoch, start_step, totals = 0, 0, (0.0, 0)
 
     resume_path = Path(resume_dir) / RESUME_FILE
     if main:
         remove_stale_temps(resume_dir)
     distributed.barrier()
-    saved = _read_resume(resume_path, fingerprint, model, opt, sched, gen) if resume_path.is_file() else None
+    saved = _read_resume(resume_path, fingerprint, model, opt, sched) if resume_path.is_file() else None
     if saved is not None:
         tensors, meta = saved
         opt.load_state_dict(_opt_from_tensors({k: v for k, v in tensors.items() if k.startswith("opt.")},
                                               meta["param_groups"]))
         sched.load_state_dict(meta["sched"])
-        gen.set_state(tensors["rng.shuffle"])
-        model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+        if scaler is not None and meta.get("scaler"):
+            scaler.load_state_dict(meta["scaler"])
+        model.load_state_dict({k[6:]: v.to(device) for k, v in tensors.items() if k.startswith("model.")})
         torch.set_rng_state(tensors.get(f"rng.torch.{rank}", tensors["rng.torch"]) if rank else tensors["rng.torch"])
         # the resume file's JSON metadata has sorted keys: rows get their order back, so a resumed
         # run's history (and history.csv) is byte-identical to an uninterrupted run's
         history = [{k: row[k] for k in HISTORY_KEYS} for row in meta["history"]]
-        start_epoch = meta["epoch"] + 1
-        best = {"score": meta["best_score"], "epoch": meta["best_epoch"],
-                "state": {k[5:]: v for k, v in tensors.items() if k.startswith("best.")}}
+        start_epoch, start_step = meta["epoch"] + 1, meta["step"]
+        totals = tuple(meta["totals"][rank])
+        best = {"score": meta["best_score"] if meta["best_score"] is not None else -float("inf"),
+                "epoch": meta["best_epoch"],
+                "state": {k[5:]: v for k, v in tensors.items() if k.startswith("best.")} if meta["epoch"] >= 0 else None}
         if main:
-            log.info("resuming from epoch %d (%s)", start_epoch, resume_path)
+            log.info("resuming from epoch %d, step %d of %d (%s)", start_epoch + 1, start_step, steps_per_epoch,
+                     resume_path)
+
+    def save_resume(epoch_done: int, step: int, running: tuple[float, int]) -> None:
+        """Write the resume point: `epoch_done` epochs' history complete, `step` batches into the next."""
+        torch_rngs = distributed.all_gather_object(torch.get_rng_state())  # dropout state of every rank
+        all_totals = distributed.all_gather_object(list(running))
+        if main:
+            opt_tensors, groups = _opt_to_tensors(opt)
+            state = {k: v.detach() for k, v in model.state_dict().items()}
+            save_tensors(resume_path, {
+                **{f"model.{k}": v for k, v in state.items()},
+                # before the first epoch's end there is no best yet: its place holds a copy (never loaded)
+                **{f"best.{k}": v for k, v in (best["state"] or {k: v.clone() for k, v in state.items()}).items()},
+                **opt_tensors, "rng.torch": torch_rngs[0],
+                **{f"rng.torch.{r}": s for r, s in enumerate(torch_rngs) if r},
+            }, {"fingerprint": fingerprint, "epoch": epoch_done, "step": step, "totals": all_totals,
+                "history": history, "param_groups": groups, "sched": sched.state_dict(),
+                "scaler": scaler.state_dict() if scaler is not None else None,
+                "best_score": best["score"] if best["state"] is not None else None, "best_epoch": best["epoch"]})
+        distributed.barrier()
 
     # DDP averages the ranks' gradients in backward; `model` stays the plain module (saved keys unprefixed)
     net = model if world == 1 else nn.parallel.DistributedDataParallel(
         model, device_ids=[device.index] if device.type == "cuda" else None)
-    infer = model if device.type == "cpu" else _OnDevice(model, device)
+    infer = model if device.type == "cpu" and compute.precision == "fp32" else _OnDevice(model, compute)
+    loader, sampler = batch_loader(batches, num_workers, pin_memory=device.type == "cuda")
     for epoch in range(start_epoch, spec.epochs):
-        transform.set_random_seed(spec.seed * 1000 + epoch + 7919 * rank)
         model.train()
         freeze_norms(model)
-        total, n = 0.0, 0
-        if world == 1:
-            batches = iterate_batches(train_store, train_idx, train_targets, spec.batch_size, gen, transform)
-        else:
-            batches = _shard_batches(train_store, train_idx, train_targets, spec.batch_size, gen, transform,
-                                     rank, world)
-        for x, y, _ in tqdm(batches, total=steps_per_epoch, desc=f"epoch {epoch + 1}/{spec.epochs}",
-                            unit="batch", leave=False, mininterval=5, disable=not main):
+        first = start_step if epoch == start_epoch else 0
+        total, n = totals if epoch == start_epoch else (0.0, 0)
+        sampler.set_epoch(epoch, first)
+        for step, (x, y, _) in enumerate(tqdm(loader, total=steps_per_epoch, initial=first, unit="batch",
+                                              desc=f"epoch {epoch + 1}/{spec.epochs}", leave=False,
+                                              mininterval=5, disable=not main), start=first):
             if device.type != "cpu":
                 x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            loss = masked_bce(net(x), y)
+            with compute.autocast():
+                logits = net(x)
+            loss = masked_bce(logits.float(), y)
             opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+            if scaler is None:
+                loss.backward()
+                opt.step()
+            else:
+                scaler.scale(loss).backward()
+                scaler.step(opt)
+                scaler.update()
             sched.step()
             total += float(loss.detach()) * len(x)
             n += len(x)
+            if checkpoint_every and (step + 1) % checkpoint_every == 0 and step + 1 < steps_per_epoch:
+                save_resume(epoch - 1, step + 1, (total, n))
         if world > 1:
             # BatchNorm statistics last moved with each rank's own batch: take rank 0's, so every rank
             # validates, selects and calibrates the same weights
@@ -353,17 +394,7 @@ def _train(model: nn.Module, spec: TrainSpec, labels: list[str], train: Rows, se
         if score > best["score"] or keep_last:
             best = {"score": score, "epoch": epoch,
                     "state": {k: v.detach().clone() for k, v in model.state_dict().items()}}
-        torch_rngs = distributed.all_gather_object(torch.get_rng_state())  # dropout state of every rank
-        if main:
-            opt_tensors, groups = _opt_to_tensors(opt)
-            save_tensors(resume_path, {
-                **{f"model.{k}": v for k, v in model.state_dict().items()},
-                **{f"best.{k}": v for k, v in best["state"].items()},
-                **opt_tensors, "rng.shuffle": gen.get_state(), "rng.torch": torch_rngs[0],
-                **{f"rng.torch.{r}": s for r, s in enumerate(torch_rngs) if r},
-            }, {"fingerprint": fingerprint, "epoch": epoch, "history": history, "param_groups": groups,
-                "sched": sched.state_dict(), "best_score": best["score"], "best_epoch": best["epoch"]})
-        distributed.barrier()
+        save_resume(epoch, 0, (0.0, 0))
 
     model.load_state_dict(best["state"])
     probs = predict(infer, calibrate.store, calibrate.idx, spec.batch_size * 2)

@@ -29,7 +29,8 @@ def tiny_params() -> dict:
     p["data"].update(image_size=64, shard_size=64)
     p["phantom"].update(n_patients=90)
     p["segment"].update(n_train=48, epochs=3, size=32, batch_size=8)  # 18 steps: masks that pass the anatomy checks
-    p["train"].update(epochs=2, finetune_epochs=1, batch_size=32)
+    # a resume point every 2 steps: a kill at the first one lands mid-epoch (tests/test_crash_consistency.py)
+    p["train"].update(epochs=2, finetune_epochs=1, batch_size=32, checkpoint_every_steps=2)
     p["evaluate"].update(n_cam_images=24, n_sanity_images=4, n_faithfulness_images=4)
     p["report"].update(grid_images=3)
     p["engine"] = {"kind": "local"}  # a LocalCluster per stage costs ~4 s; tests/test_engine.py runs Dask

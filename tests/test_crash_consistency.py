@@ -23,6 +23,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from pipeline.models.checkpoint import load_tensors
 from tests.conftest import make_project, tiny_params
 from tests.pipeline_runs import (ENV, Leftovers, assert_same_code, check_invariants, dvc_ok, flow_env, launch,
                                  lock, lock_outs, out_mismatches, project_like, reference_project,
@@ -96,7 +97,7 @@ class Crasher:
                     state = self._resume_file(kill.stage)
                     wait_for(proc, lambda: state.is_file() and state.stat().st_mtime >= started, 600,
                              f"resume state of {kill.stage}")
-                    delay = self.rng.uniform(0, 0.05)
+                    delay = 0.0  # at once: the next resume point is a few steps away
                 else:
                     wait_for(proc, lambda: running_command(proc, self.cmds[kill.stage]), 600,
                              f"{kill.stage} running")
@@ -115,6 +116,9 @@ class Crasher:
         self.by_stage[kill.stage] += 1
         left = check_invariants(self.project)
         assert not left.violations, f"after {kill}:\n" + "\n".join(left.violations)
+        if kill.at == "resume" and self._resume_file(kill.stage).is_file():
+            meta = load_tensors(self._resume_file(kill.stage))[1]
+            self.figures["mid_epoch_resume_points"] += meta["step"] > 0
         self.temps_seen.update(left.temps)
         self.figures.update(checkpoint_loads=left.checkpoints_loaded, resume_states_loaded=left.resume_states_loaded,
                             stores_complete=left.stores_complete, stores_uncommitted=left.stores_uncommitted,
@@ -176,6 +180,9 @@ def test_sigkill_flow_shard_writer_and_training(tmp_path):
     left = crash.run(Kill("prepare", "dvc", "shard"))
     assert left.stores_uncommitted, "the kill came after prepare had committed its stores"
     crash.run(Kill("train_baseline", "dvc", "resume"))
+    # tiny_params write a resume point every 2 steps: the kill came mid-epoch, and the resumed run's
+    # checkpoint below is still the uninterrupted one's, byte for byte
+    assert crash.figures["mid_epoch_resume_points"] == 1, crash.figures
     bad = out_mismatches(project, reference, ["prepare", "train_baseline"])
     assert not bad, bad
     for rel in ("models/c0/model.safetensors", "models/c0/model.json"):

@@ -82,3 +82,91 @@ def test_same_seed_same_weights_whatever_ran_before(tmp_path):
         weights.append(model.state_dict())
     for k in weights[0]:
         torch.testing.assert_close(weights[0][k], weights[1][k], rtol=0, atol=0, msg=k)
+
+
+def test_batches_are_the_same_for_any_number_of_workers(tmp_path):
+    """Decode and augmentation move to worker processes; what each step sees must not change."""
+    from pipeline.data.loader import EpochBatches, batch_loader
+
+    store, y = two_label_store(tmp_path / "imgs", 48)
+    batches = EpochBatches(store.root, np.arange(40), y[:40], 16, seed=5, augment=AugmentParams(noise=0.05))
+    seen = {}
+    for workers in (0, 2):
+        loader, sampler = batch_loader(batches, workers)
+        seen[workers] = []
+        for epoch in (0, 1):
+            sampler.set_epoch(epoch)
+            seen[workers] += [(x.clone(), yy.clone(), torch.as_tensor(i).clone()) for x, yy, i in loader]
+    assert len(seen[0]) == 6  # 3 batches (16, 16, 8) per epoch
+    for (x0, y0, i0), (x2, y2, i2) in zip(seen[0], seen[2], strict=True):
+        assert torch.equal(x0, x2) and torch.equal(y0.nan_to_num(-1), y2.nan_to_num(-1)) and (i0 == i2).all()
+    assert not (seen[0][0][2] == seen[0][3][2]).all()  # each epoch has its own order
+    # a loader started at batch 2 (a resumed run) yields exactly the tail of the full epoch
+    loader, sampler = batch_loader(batches, 2)
+    sampler.set_epoch(1, start=2)
+    (x_tail, _, i_tail), = list(loader)
+    assert torch.equal(x_tail, seen[0][5][0]) and (i_tail == seen[0][5][2]).all()
+
+
+def _toy_run(tmp_path, resume_dir, **options):
+    store, y = two_label_store(tmp_path / "imgs", 48)
+    torch.manual_seed(0)
+    model = create_model("tinyvgg", 2)
+    spec = TrainSpec(epochs=2, lr=3e-3, weight_decay=0.0, batch_size=8, seed=0, augment=AugmentParams())
+    idx = np.arange(len(store))
+    res = train_classifier(model, spec, ["a", "b"], Rows(store, idx[:36], y[:36]), Rows(store, idx[36:], y[36:]),
+                           resume_dir, **options)
+    return model, res
+
+
+def test_worker_processes_change_nothing_but_speed(tmp_path):
+    a, res_a = _toy_run(tmp_path, tmp_path / "w0", num_workers=0)
+    b, res_b = _toy_run(tmp_path, tmp_path / "w2", num_workers=2)
+    assert res_a["history"] == res_b["history"]
+    for k, v in a.state_dict().items():
+        assert torch.equal(v, b.state_dict()[k]), k
+
+
+def test_killed_mid_epoch_it_resumes_from_the_step_and_ends_byte_equal(tmp_path, monkeypatch):
+    from pipeline.models.checkpoint import load_tensors
+
+    full, res = _toy_run(tmp_path, tmp_path / "full", checkpoint_every=2)
+    real_bce = training.masked_bce
+
+    def killed_at(step: int):
+        """masked_bce that raises on its `step`-th call: a kill before that optimiser step."""
+        calls = {"n": 0}
+
+        def bce(*a, **k):
+            calls["n"] += 1
+            if calls["n"] == step:
+                raise KeyboardInterrupt("simulated kill")
+            return real_bce(*a, **k)
+        return bce
+
+    # 36 rows in batches of 8: 5 steps per epoch, resume points after steps 2 and 4 and at each epoch's end
+    monkeypatch.setattr(training, "masked_bce", killed_at(7))
+    with pytest.raises(KeyboardInterrupt):  # at step 2 of epoch 2, before its resume point
+        _toy_run(tmp_path, tmp_path / "r", checkpoint_every=2)
+    meta = load_tensors(tmp_path / "r" / RESUME_FILE)[1]
+    assert (meta["epoch"], meta["step"]) == (0, 0)  # epoch 1 complete
+    monkeypatch.setattr(training, "masked_bce", killed_at(4))
+    with pytest.raises(KeyboardInterrupt):  # resumed at epoch 2, killed again at its step 4
+        _toy_run(tmp_path, tmp_path / "r", checkpoint_every=2)
+    meta = load_tensors(tmp_path / "r" / RESUME_FILE)[1]
+    assert (meta["epoch"], meta["step"]) == (0, 2)  # the mid-epoch point after step 2 of epoch 2
+    monkeypatch.setattr(training, "masked_bce", real_bce)
+    resumed, res2 = _toy_run(tmp_path, tmp_path / "r", checkpoint_every=2)
+    assert [list(h.items()) for h in res2["history"]] == [list(h.items()) for h in res["history"]]
+    for k, v in full.state_dict().items():
+        assert torch.equal(v, resumed.state_dict()[k]), k
+
+
+def test_bf16_autocast_trains_on_the_cpu_close_to_fp32(tmp_path):
+    from pipeline.compute import Compute
+
+    _, fp32 = _toy_run(tmp_path, tmp_path / "a")
+    _, bf16 = _toy_run(tmp_path, tmp_path / "b", compute=Compute(torch.device("cpu"), "bf16"))
+    assert bf16["history"] != fp32["history"]  # the path really ran in bfloat16
+    assert abs(bf16["best_score"] - fp32["best_score"]) < 0.1
+    assert abs(bf16["history"][-1]["train_loss"] - fp32["history"][-1]["train_loss"]) < 0.1

@@ -13,6 +13,8 @@ pipeline/distributed.py); rank 0 alone logs and writes the checkpoint, history a
 """
 import hashlib
 import logging
+import sys
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -25,15 +27,23 @@ from pipeline.io import write_text
 from pipeline.models.checkpoint import file_sha256, load_model, save_model
 from pipeline.models.freeze import apply_trainable
 from pipeline.stages.common import cycle_arg, stage_main
-from pipeline.training import (RESUME_FILE, Rows, TrainSpec, baseline_model, baseline_spec, start_fingerprint,
-                               train_classifier)
+from pipeline.training import (RESUME_FILE, Rows, TrainSpec, baseline_model, baseline_spec, run_options,
+                               start_fingerprint, train_classifier)
 
 log = logging.getLogger(__name__)
 
 
 def run(params, paths, args) -> None:
-    """One process, or one rank of a torchrun job (the process group lives as long as the stage)."""
-    if distributed.setup() and not distributed.is_main():
+    """One process, or one rank of a torchrun job (the process group lives as long as the stage).
+
+    With `train.nproc_per_node` > 1 and no torchrun around it (`dvc repro`, the flow), this process
+    launches torchrun on this very stage and cycle and exits with its status."""
+    if params.train.nproc_per_node > 1 and not distributed.under_torchrun():
+        sys.exit(distributed.launch("pipeline.stages.train", params.train.nproc_per_node,
+                                    ["--cycle", str(args.cycle), "--params", str(Path(args.params).resolve()),
+                                     "--root", str(Path(args.root).resolve())],
+                                    params.compute.device, params.compute.threads))
+    if distributed.setup(params.compute.device, params.compute.threads) and not distributed.is_main():
         logging.getLogger().setLevel(logging.WARNING)
     try:
         _run(params, paths, args)
@@ -86,7 +96,7 @@ def _run(params, paths, args) -> None:
                               fingerprint_extra={"data": data_hash, "parent": parent,
                                                  **start_fingerprint(arch, model_kwargs, labels,
                                                                      tp.weights if k == 0 else None)},
-                              calibrate=raw_val)
+                              calibrate=raw_val, **run_options(params))
     meta = {
         "arch": arch, "model_kwargs": model_kwargs, "trainable": trainable,
         "labels": labels, "image_size": params.data.image_size,
@@ -95,7 +105,7 @@ def _run(params, paths, args) -> None:
         "enhance_policy": params.enhance.policy if k else None,
         "thresholds": result["thresholds"], "best_epoch": result["best_epoch"], "val_auroc": result["best_score"],
         "selected_on": "enhanced val" if select is not raw_val else "val",
-        "epochs": spec.epochs, "lr": spec.lr, "seed": spec.seed,
+        "epochs": spec.epochs, "lr": spec.lr, "seed": spec.seed, "world_size": distributed.world_size(),
     }
     if distributed.is_main():
         save_model(paths.model(k), model, meta)
