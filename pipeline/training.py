@@ -85,15 +85,18 @@ def start_fingerprint(arch: str, model_kwargs: dict, labels: list[str], weights:
             "weights": file_sha256(weights) if weights else None}
 
 
-def baseline_model(tp, n_labels: int, image_size: int) -> nn.Module:
+def baseline_model(tp, labels: list[str], image_size: int) -> nn.Module:
     """Cycle 0's starting point, the same weights every time: the registry's model built under `tp.seed`.
 
-    `tp` is the `train` section of params (pipeline.config.TrainParams). The caller's RNG is left as it
-    was. The train stage and the label-permutation sanity check's twin both start here.
+    `tp` is the `train` section of params (pipeline.config.TrainParams). `labels` name the outputs, so
+    weights whose head names its own (torchxrayvision) hand over the rows of the labels both have.
+    The caller's RNG is left as it was. The train stage and the label-permutation sanity check's twin
+    both start here.
     """
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(tp.seed)
-        return create_model(tp.arch, n_labels, weights=tp.weights, image_size=image_size, **tp.model_kwargs)
+        return create_model(tp.arch, len(labels), weights=tp.weights, image_size=image_size, labels=labels,
+                            **tp.model_kwargs)
 
 
 def run_options(params) -> dict:

@@ -4,23 +4,27 @@
 file is given (nothing is ever downloaded). Each entry names its Grad-CAM target layer, so CAM code
 never guesses. A builder's keyword options (`train.model_kwargs`) are typed in its signature and
 checked against it before anything is built, so a typo fails in `python -m pipeline.config`.
+Every model also takes `in_chans` (1 | 3) and `input_norm` (pipeline/models/inputs.py): the input its
+first convolution expects, which pretrained weights decide (pipeline/models/pretrained.py).
 """
 from __future__ import annotations
 
+import functools
 import inspect
 import logging
 import typing
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 from pydantic import TypeAdapter, ValidationError
 from torch import nn
 
-log = logging.getLogger(__name__)
+from pipeline.models.inputs import InChans, InputNorm, apply_input_options
+from pipeline.models.pretrained import StateDict, load_pretrained, read_state_dict  # noqa: F401 (re-exported)
 
-StateDict = dict[str, torch.Tensor]
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -50,9 +54,26 @@ def register_model(name: str, target_layer: str, classifier: str,
     def wrap(builder):
         if name in _REGISTRY:
             raise ValueError(f"model {name!r} registered twice")
-        _REGISTRY[name] = ModelSpec(name, builder, target_layer, classifier, reshape, key_map)
+        _REGISTRY[name] = ModelSpec(name, _with_input_options(builder), target_layer, classifier, reshape, key_map)
         return builder
     return wrap
+
+
+def _with_input_options(builder: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
+    """`builder` plus the options every model shares, `in_chans` and `input_norm`, in its signature
+    (so model_kwargs are checked against them too) and applied to the first convolution."""
+    @functools.wraps(builder)
+    def build(*args, in_chans: InChans = 3, input_norm: InputNorm = "pipeline", **kwargs) -> nn.Module:
+        return apply_input_options(builder(*args, **kwargs), in_chans, input_norm)
+
+    sig = inspect.signature(builder)
+    extra = [inspect.Parameter("in_chans", inspect.Parameter.KEYWORD_ONLY, default=3, annotation=InChans),
+             inspect.Parameter("input_norm", inspect.Parameter.KEYWORD_ONLY, default="pipeline",
+                               annotation=InputNorm)]
+    build.__signature__ = sig.replace(parameters=[*sig.parameters.values(), *extra])
+    build.__annotations__ = {**typing.get_type_hints(builder, include_extras=True),
+                             "in_chans": InChans, "input_norm": InputNorm}
+    return build
 
 
 def list_models() -> list[str]:
@@ -100,105 +121,31 @@ def target_layer(model: nn.Module, name: str) -> nn.Module:
 
 
 def create_model(name: str, num_classes: int, weights: str | Path | None = None, image_size: int | None = None,
-                 **kwargs) -> nn.Module:
+                 labels: Sequence[str] | None = None, **kwargs) -> nn.Module:
     """Build a registered model with random init, or load a local weights file into it.
 
     `image_size` matters only to models with a fixed token grid (ViT, MLP-Mixer); CNNs ignore it.
     `kwargs` are the builder's options (e.g. `pool="max", head="bn_mlp"`), validated first.
+    `labels` (the outputs' names, in order) let weights whose head names its outputs (torchxrayvision)
+    keep the rows of the labels both share.
     """
     spec = model_spec(name)
     if num_classes < 1:
         raise ValueError(f"num_classes must be >= 1, got {num_classes}")
-    model = spec.builder(num_classes=num_classes, image_size=image_size, **validate_kwargs(name, kwargs))
+    if labels is not None and len(labels) != num_classes:
+        raise ValueError(f"{len(labels)} label names for {num_classes} outputs")
+    options = validate_kwargs(name, kwargs)
+    state = read_state_dict(weights) if weights is not None else None  # an unusable file fails before the build
+    model = spec.builder(num_classes=num_classes, image_size=image_size, **options)
     if weights is not None:
-        load_weights(model, weights, spec)
+        load_pretrained(model, weights, spec, labels, state=state)
     # NHWC: oneDNN's convolutions run 1.3-1.7x faster on CPU (measured: TinyVGG training 148 -> 240 img/s)
     return model.to(memory_format=torch.channels_last)
 
 
-def read_state_dict(path: str | Path) -> StateDict:
-    """Tensors of a local weights file: safetensors, or a torch file read without unpickling code.
-
-    Training checkpoints are unwrapped (`state_dict`, `model_state_dict` or `model` entry) and
-    DataParallel's `module.` prefix is dropped.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"weights file {path} does not exist")
-    if path.suffix == ".safetensors":
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
-        try:
-            state = load_file(str(path))
-        except (SafetensorError, OSError, ValueError) as err:
-            raise ValueError(f"weights {path} are not a readable safetensors file ({_first_line(err)})") from None
-    else:
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as err:  # noqa: BLE001 - whatever the file holds, it is not a plain state dict
-            raise ValueError(f"weights {path} are not a plain state dict (torch.load with "
-                             f"weights_only=True refused them: {_load_failure(err)})") from None
-        if isinstance(state, dict):
-            for wrapper in ("state_dict", "model_state_dict", "model"):
-                if isinstance(state.get(wrapper), dict):
-                    state = state[wrapper]
-                    break
-    if not isinstance(state, dict) or not any(isinstance(v, torch.Tensor) for v in state.values()):
-        raise ValueError(f"weights {path.name} hold no state dict")
-    return {k.removeprefix("module."): v for k, v in state.items() if isinstance(v, torch.Tensor)}
-
-
-def _first_line(err: BaseException) -> str:
-    lines = str(err).strip().splitlines()
-    return lines[0] if lines else type(err).__name__
-
-
-def _load_failure(err: BaseException) -> str:
-    """Why torch.load(weights_only=True) failed, without torch's advice to load the file unsafely."""
-    text = str(err).strip()
-    if not text.startswith("Weights only load failed"):
-        return _first_line(err)
-    rest = text.split("WeightsUnpickler error:", 1)[1] if "WeightsUnpickler error:" in text else \
-        "\n".join(text.splitlines()[1:])
-    lines = [line.strip() for line in rest.splitlines() if line.strip() and "weights_only" not in line
-             and not line.strip().startswith(("Check the documentation", "Please file"))]
-    why = lines[0].split(". ")[0].rstrip(".")[:200] if lines else ""
-    return "the file holds objects other than tensors" + (f" ({why})" if why else "")
-
-
-def load_weights(model: nn.Module, path: str | Path, spec: ModelSpec) -> None:
-    """Load a local weights file into `model` (keys renamed by the spec's `key_map`).
-
-    The head is re-initialised where it differs (another label set, another head): its keys are
-    skipped. Any other missing, unexpected or differently shaped key is a ValueError listing a few.
-    """
-    path = Path(path)
-    state = read_state_dict(path)
-    if spec.key_map is not None:
-        state = spec.key_map(state)
-    own = model.state_dict()
-    head = spec.classifier + "."
-
-    def in_head(key: str) -> bool:
-        return key.startswith(head)
-
-    skipped = [k for k, v in state.items() if in_head(k) and (k not in own or own[k].shape != v.shape)]
-    # BatchNorm counters are absent from old checkpoints; BatchNorm fills them in itself
-    missing = [k for k in own if k not in state and not in_head(k) and not k.endswith("num_batches_tracked")]
-    unexpected = [k for k in state if k not in own and not in_head(k)]
-    reshaped = [f"{k} {tuple(state[k].shape)} != {tuple(own[k].shape)}" for k in state
-                if k in own and not in_head(k) and own[k].shape != state[k].shape]
-    if missing or unexpected or reshaped:
-        def few(keys: list[str]) -> str:
-            return f"{keys[:5]}{' ... (%d in all)' % len(keys) if len(keys) > 5 else ''}"
-        raise ValueError(f"weights {path.name} do not fit {spec.name}: missing {few(missing)}, "
-                         f"unexpected {few(unexpected)}, wrong shape {few(reshaped)}")
-    for k in skipped:
-        state.pop(k)
-    model.load_state_dict(state, strict=False)
-    if skipped or any(in_head(k) and k not in state for k in own):
-        log.info("weights %s: head %r re-initialised (%d keys of the file skipped)", path.name, spec.classifier,
-                 len(skipped))
+def load_weights(model: nn.Module, path: str | Path, spec: ModelSpec, labels: Sequence[str] | None = None) -> None:
+    """Load a local weights file into `model` (pipeline/models/pretrained.py: every layout it knows)."""
+    load_pretrained(model, path, spec, labels)
 
 
 _loaded = False

@@ -61,7 +61,7 @@ def _run(params, paths, args) -> None:
     raw_val = Rows(images, val_rows, y_val)
     select = raw_val
     if k == 0:
-        model = baseline_model(tp, len(labels), params.data.image_size)
+        model = baseline_model(tp, labels, params.data.image_size)
         arch, model_kwargs = tp.arch, dict(tp.model_kwargs)
         train_store, train_idx, parent = images, train_rows, None
         spec = baseline_spec(tp)
