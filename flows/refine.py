@@ -71,7 +71,7 @@ def _log_sanity(paths: Paths) -> None:
 
 
 @contextmanager
-def shared_cluster(p: EngineParams, address: str | None) -> Iterator[str | None]:
+def shared_cluster(p: EngineParams, address: str | None, device: str = "auto") -> Iterator[str | None]:
     """The Dask scheduler every stage of this run sends its shard tasks to: `address` (a real
     cluster), else one LocalCluster started here for the whole run (not one per stage); None when
     the engine is in-process."""
@@ -81,7 +81,7 @@ def shared_cluster(p: EngineParams, address: str | None) -> Iterator[str | None]
     elif address or p.address:
         yield address or p.address
     else:
-        with local_cluster(p) as cluster:
+        with local_cluster(p, device) as cluster:  # one worker per GPU when compute.device means CUDA
             yield cluster.scheduler_address
 
 
@@ -89,7 +89,7 @@ def shared_cluster(p: EngineParams, address: str | None) -> Iterator[str | None]
 def refine(root: str = ".", params_file: str = "params.yaml", dask_address: str | None = None) -> dict:
     """Run cycle 0 and every configured cycle; returns reports/summary.json."""
     params = load_params(Path(root) / params_file)  # bad params fail here, before any work
-    with shared_cluster(params.engine, dask_address) as address:
+    with shared_cluster(params.engine, dask_address, params.compute.device) as address:
         return _cycles(root, params, address)
 
 
