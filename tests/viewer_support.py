@@ -38,13 +38,13 @@ def _tmp_root() -> Path:
 
 
 def trained_project() -> Path:
-    """A tiny project (phantom, 64 px, cycle 0 and one refinement cycle) run through `dvc repro`."""
+    """The session's tiny project (phantom, 64 px, cycle 0 and two refinement cycles: tiny_params) run
+    through `dvc repro` once. Read-only for its users (viewer, crash, determinism, remote, end-to-end
+    tests): a test that changes a project copies it first."""
     if "project" not in _cache and os.environ.get("CXR_VIEWER_TEST_PROJECT"):  # a dev shortcut: reuse one
         _cache["project"] = Path(os.environ["CXR_VIEWER_TEST_PROJECT"])
     if "project" not in _cache:
-        p = tiny_params()
-        p["cycles"] = {"c1": {"id": 1, "prev": 0}}
-        dest = make_project(_tmp_root() / "project", p)
+        dest = make_project(_tmp_root() / "project", tiny_params())
         env = {**os.environ, "CXR_LOG_LEVEL": "WARNING"}
         subprocess.run([sys.executable, "-m", "dvc", "repro", "-q"], cwd=dest, check=True, env=env,
                        capture_output=True, timeout=900)
