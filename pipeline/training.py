@@ -328,7 +328,7 @@ def _train(model: nn.Module, spec: TrainSpec, labels: list[str], train: Rows, se
                 "epoch": meta["best_epoch"],
                 "state": {k[5:]: v for k, v in tensors.items() if k.startswith("best.")} if meta["epoch"] >= 0 else None}
         if main:
-            log.info("resuming from epoch %d, step %d of %d (%s)", start_epoch + 1, start_step, steps_per_epoch,
+            log.info("resuming from epoch %d, step %d of %d (%s)", start_epoch, start_step, steps_per_epoch,
                      resume_path)
 
     def save_resume(epoch_done: int, step: int, running: tuple[float, int]) -> None:

@@ -118,3 +118,20 @@ def params_file(tmp_path) -> Path:
     path = tmp_path / "params.yaml"
     path.write_text(yaml.safe_dump(tiny_params(), sort_keys=False))
     return path
+
+
+# modules that read the session's tiny 2-cycle project (tests/viewer_support.py trained_project)
+_SHARED_PROJECT = ("trained_project", "reference_project", "repro_project")
+
+
+def pytest_collection_modifyitems(config, items):
+    """`make test` runs on both cores (pytest-xdist, `--dist loadgroup`): each module stays on one
+    worker, so its module fixtures are built once, and every module that reads the shared tiny project
+    runs on the same worker, so that project is built once and never used by two tests at a time."""
+    sources: dict[Path, str] = {}
+    for item in items:
+        path = Path(item.path)
+        if path not in sources:
+            sources[path] = path.read_text(errors="replace")
+        shared = any(name in sources[path] for name in _SHARED_PROJECT)
+        item.add_marker(pytest.mark.xdist_group("shared-project" if shared else path.stem))

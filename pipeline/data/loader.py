@@ -98,15 +98,16 @@ class EpochSampler(Sampler):
         return self.n_batches - self.start
 
 
-def _quiet_worker(_: int) -> None:
-    cv2.setNumThreads(1)  # the workers are the parallelism: OpenCV's own pool would oversubscribe
-
-
 def batch_loader(batches: EpochBatches, num_workers: int, pin_memory: bool = False) -> tuple[DataLoader, EpochSampler]:
     """A DataLoader over `batches` (persistent workers, a few batches ahead) and the sampler that
     chooses its epoch and first batch."""
     sampler = EpochSampler(len(batches))
-    extra = {"persistent_workers": True, "prefetch_factor": 2, "worker_init_fn": _quiet_worker} if num_workers else {}
+    extra = {"persistent_workers": True, "prefetch_factor": 2} if num_workers else {}
+    if num_workers:
+        # OpenCV's thread pool does not survive fork: a worker that touches it (even to resize it) can
+        # wait forever on threads that only exist in the parent. Stopped here before forking, and
+        # the workers are the parallelism anyway (results do not depend on it).
+        cv2.setNumThreads(0)
     # its own generator: creating an iterator must not draw from torch's global RNG (dropout's)
     loader = DataLoader(batches, batch_size=None, sampler=sampler, num_workers=num_workers, pin_memory=pin_memory,
                         generator=torch.Generator().manual_seed(batches.seed), **extra)
