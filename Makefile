@@ -13,7 +13,7 @@ export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS := 300
 export PYTHONUNBUFFERED := 1
 
-.PHONY: run test test-all viewer bench repro compare real clean reliability
+.PHONY: run test test-all viewer bench bench-gpu repro compare real clean reliability
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -43,7 +43,7 @@ repro: $(STAMP)  ## the same artefacts with DVC alone
 	@$(BIN)/python -m pipeline.report
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -m "not slow"
+	$(BIN)/python -m pytest -q -m "not slow" -n 2 --dist loadgroup
 
 test-all: $(STAMP)
 	$(BIN)/python -m pytest -q
@@ -65,6 +65,9 @@ viewer: $(STAMP)  ## the clinician's viewer on http://$${CXR_HOST:-127.0.0.1}:$$
 
 bench: $(STAMP)
 	$(BIN)/python -m benchmarks.run
+
+bench-gpu: $(STAMP)  ## GPU figures + a CheXpert-cycle projection -> reports/benchmarks.json `gpu` (needs CUDA)
+	$(BIN)/python -m benchmarks.gpu
 
 clean:  ## remove the pipeline's outputs (the DVC cache keeps them: `dvc repro` restores what is unchanged)
 	rm -rf data/prepared data/segment data/audit data/cams data/enhanced models/c* models/unet models/.resume models/latest.json reports/cycles reports/train reports/segment reports/enhance reports/figures reports/index.html reports/summary.json reports/sanity.json

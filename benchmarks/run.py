@@ -17,12 +17,11 @@ import torch
 from pipeline.cam.all_labels import AllLabelCAM, dataset_cams
 from pipeline.cam.library import LibraryCAM, library_sees_layer_output
 from pipeline.cam.maps import resize
-from pipeline.data import phantom
 from pipeline.data.dataset import iterate_batches, predict
-from pipeline.data.store import ArrayStoreWriter
 from benchmarks.timing import median_ms
 from pipeline.io import read_json, write_json
 from pipeline.models.registry import create_model
+from benchmarks.input_pipeline import bench_input_pipeline, phantom_store
 from benchmarks.scale import bench_cam_memory, bench_cam_workers, bench_dvc_noop
 from benchmarks.viewer import bench_viewer
 
@@ -56,24 +55,12 @@ def bench_cam(archs=("resnet50", "densenet121"), labels: int = 14, size: int = 2
     return out
 
 
-def _phantom_store(root: str, n: int, size: int):
-    rng = np.random.default_rng(0)
-    images = []
-    for _ in range(n):
-        pat = phantom.sample_patient(rng)
-        findings = {lab: bool(rng.random() < 0.3) for lab in phantom.PHANTOM_LABELS}
-        images.append(phantom.render(rng, size, pat, findings, {}).image)
-    writer = ArrayStoreWriter(root, (size, size), np.uint8, shard_size=128)
-    writer.append(np.stack(images))
-    return writer.close()
-
-
 def bench_cam_dataset(setups=(("tinyvgg", 128, 4, 64, 512), ("resnet50", 224, 14, 16, 64))) -> dict:
     """Images/s over a phantom store: all-label CAMs as float16 vs plain inference."""
     out = {}
     for arch, size, labels, batch, n in setups:
         with tempfile.TemporaryDirectory() as tmp:
-            out[arch] = _dataset_throughput(_phantom_store(tmp, n, size), arch, size, labels, batch)
+            out[arch] = _dataset_throughput(phantom_store(tmp, n, size), arch, size, labels, batch)
         log.info("dataset cam %s: %s", arch, out[arch])
     out["targets"] = {"cam_over_inference_throughput": ">= 0.8"}
     out["meets_targets"] = all(v["cam_over_inference_throughput"] >= 0.8 for k, v in out.items() if k != "targets")
@@ -108,7 +95,8 @@ def bench_train(arch: str = "tinyvgg", size: int = 128, batch: int = 64) -> dict
 
 
 BENCHES = {"cam": bench_cam, "cam_dataset": bench_cam_dataset, "train": bench_train, "viewer": bench_viewer,
-           "cam_memory": bench_cam_memory, "cam_workers": bench_cam_workers, "dvc_noop": bench_dvc_noop}
+           "cam_memory": bench_cam_memory, "cam_workers": bench_cam_workers, "dvc_noop": bench_dvc_noop,
+           "input_pipeline": bench_input_pipeline}
 
 
 def main() -> None:

@@ -35,6 +35,7 @@ from pipeline.compute import CPU, Compute, grad_scaler
 from pipeline.data.dataset import predict
 from pipeline.data.loader import EpochBatches, batch_loader
 from pipeline.data.store import ArrayStore
+from pipeline.data.transforms import to_model_input
 from pipeline.metrics.classification import choose_thresholds, classification_metrics
 from pipeline.io import remove_stale_temps
 from pipeline.models.checkpoint import CheckpointError, file_sha256, load_tensors, save_tensors
@@ -364,6 +365,7 @@ def _train(model: nn.Module, spec: TrainSpec, labels: list[str], train: Rows, se
         for step, (x, y, _) in enumerate(tqdm(loader, total=steps_per_epoch, initial=first, unit="batch",
                                               desc=f"epoch {epoch + 1}/{spec.epochs}", leave=False,
                                               mininterval=5, disable=not main), start=first):
+            x = to_model_input(x)
             if device.type != "cpu":
                 x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             with compute.autocast():

@@ -18,7 +18,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from pipeline.data.store import ArrayStore
-from pipeline.data.transforms import augment_batch, augmentation, to_model_input
+from pipeline.data.transforms import augment_batch, augmentation
 
 
 def epoch_order(n: int, seed: int, epoch: int) -> np.ndarray:
@@ -34,7 +34,7 @@ def batch_seed(seed: int, epoch: int, batch: int, rank: int) -> int:
 
 @dataclass
 class EpochBatches(Dataset):
-    """Item (epoch, b) is this rank's part of batch b of that epoch: (inputs, targets, store indices).
+    """Item (epoch, b) is this rank's part of batch b of that epoch: (uint8 images, targets, store indices).
 
     Holds the store's path, not the open store: each worker maps the shards itself."""
     store_root: Path
@@ -67,6 +67,8 @@ class EpochBatches(Dataset):
         return pos[self.rank::self.world] if len(pos) >= self.world else pos[[self.rank % len(pos)]]
 
     def __getitem__(self, key: tuple[int, int]):
+        """uint8 images (N, H, W): a twelfth of the float32 3-channel input to send between processes;
+        the trainer normalises them (pipeline.data.transforms.to_model_input)."""
         epoch, batch = key
         if self._store is None:
             self._store = ArrayStore(self.store_root)
@@ -78,7 +80,7 @@ class EpochBatches(Dataset):
             self._transform.set_random_seed(batch_seed(self.seed, epoch, batch, self.rank))
             images = augment_batch(self._transform, images)
         y = torch.from_numpy(np.ascontiguousarray(self.targets[pos]))
-        return to_model_input(images), y, self.indices[pos]
+        return torch.from_numpy(np.ascontiguousarray(images)), y, self.indices[pos]
 
 
 class EpochSampler(Sampler):
