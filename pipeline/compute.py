@@ -121,3 +121,10 @@ class Compute:
 
 
 CPU = Compute()
+
+
+def task_compute(spec) -> Compute:
+    """The Compute of a shard task (pipeline/engine.py), resolved where the task runs: the driver sends
+    the `compute` params section, which pickles, not a torch.device, because a Dask worker may have
+    another GPU or none (`auto` is then that worker's own device). None is the CPU in fp32."""
+    return CPU if spec is None else Compute.from_params(spec)

@@ -21,6 +21,11 @@ checks is enhanced with the population prior anatomy in its place (same rule for
 `overlay` is the literal published recipe (positives × CAM×anatomy, negatives × anatomy, rest dimmed)
 and `suppress` zeroes everything outside the anatomy; both are kept for comparison only: they
 transform the classes differently or hide the shortcut, which DESIGN.md measured to make things worse.
+
+`compute` (device, precision) does not apply here, deliberately: the only torch is the bilinear
+upsampling of stored float16 CAMs (`maps.upsample`), in fp32 on the CPU, between numpy steps. On a
+GPU each batch would cross the bus twice for one cheap op, and the atlas thresholds would then
+depend on the device's rounding; on the CPU the enhanced images are the same bytes everywhere.
 """
 from __future__ import annotations
 

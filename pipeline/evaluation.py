@@ -1,6 +1,8 @@
 """Score one cycle's model on the *unmodified* images: accuracy and where it looks.
 
 Thresholds come from the checkpoint (chosen on val during training), never from test.
+The model runs on `compute.device`: probabilities under `compute.precision` (autocast), every CAM
+and the metrics built on CAMs (localisation, ROAD, the sanity check) in fp32 (pipeline/cam/all_labels.py).
 """
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ import torch
 from pipeline.audit import marker_boxes, marker_scores
 from pipeline.cam.all_labels import AllLabelCAM
 from pipeline.cam.maps import resize, to_storage
+from pipeline.compute import CPU, Compute
 from pipeline.config import Params
 from pipeline.data.dataset import iterate_batches, predict
 from pipeline.data.labels import anatomy_of
@@ -93,11 +96,14 @@ def localisation(cams: np.ndarray, anatomy: np.ndarray, targets: np.ndarray, ima
 
 def evaluate_cycle(model, meta: dict, params: Params, manifest: pd.DataFrame, boxes: pd.DataFrame,
                    images: ArrayStore, masks: ArrayStore, grid_ids: list[str],
-                   markers: pd.DataFrame | None = None, plausible: np.ndarray | None = None) -> tuple[dict, dict]:
+                   markers: pd.DataFrame | None = None, plausible: np.ndarray | None = None,
+                   compute: Compute = CPU) -> tuple[dict, dict]:
     """(scores, grid): every score of DESIGN.md for one model, JSON-ready (null where a dataset cannot
     give a figure), and the fixed grid images' CAMs for the report. `markers`: the shortcut audit's
     marker table, when the audit is on. `plausible`: per mask-store row, whether its anatomy mask
-    passed the checks (anatomy_checks.load_plausibility); implausible films leave cam_in_anatomy."""
+    passed the checks (anatomy_checks.load_plausibility); implausible films leave cam_in_anatomy.
+    The model is moved to `compute.device` (a no-op on the CPU)."""
+    model = model.to(compute.device)
     labels, arch = meta["labels"], meta["arch"]
     thresholds = np.asarray(meta["thresholds"], dtype=np.float64)
     ev = params.evaluate
@@ -108,7 +114,7 @@ def evaluate_cycle(model, meta: dict, params: Params, manifest: pd.DataFrame, bo
         if len(idx) == 0:
             continue
         y = label_matrix(manifest.iloc[idx], labels)
-        probs = predict(model, images, idx)
+        probs = predict(model, images, idx, compute=compute)
         splits[split] = classification_metrics(y, probs, thresholds, labels)
         splits[split]["roc"] = {lab: roc_curve_points(y[:, k], probs[:, k]) for k, lab in enumerate(labels)}
     test = splits.get("test")
@@ -169,6 +175,6 @@ def evaluate_cycle(model, meta: dict, params: Params, manifest: pd.DataFrame, bo
     grid_idx = np.asarray([pos_of[i] for i in grid_ids if i in pos_of], dtype=np.int64)
     grid = {"image_ids": [manifest["image_id"].iloc[i] for i in grid_idx]}
     if len(grid_idx):
-        grid["probs"] = predict(model, images, grid_idx).round(4).tolist()
+        grid["probs"] = predict(model, images, grid_idx, compute=compute).round(4).tolist()
         grid["cams"] = to_storage(low_res_cams(model, arch, images, grid_idx, params.cam.method), params.cam.size)
     return out, grid

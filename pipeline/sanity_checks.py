@@ -19,6 +19,9 @@ The verdict is the served model's: the cycle the stop rule serves (pipeline.cycl
 the report stage decides it for models/latest.json). Every model's checkpoint must still be the one
 its cycle evaluated (sha256 in scores.json).
 
+Models run on `compute.device`; probabilities under `compute.precision`, heatmaps in fp32
+(pipeline/cam/all_labels.py), so the rank correlations do not move with the precision.
+
 The twin's training state is kept in models/.resume/sanity (keyed by everything the twin depends
 on): when only the refinement cycles changed, a rerun compares against the kept twin instead of
 training it again.
@@ -33,6 +36,7 @@ import numpy as np
 import pandas as pd
 
 from pipeline.cam.all_labels import AllLabelCAM
+from pipeline.compute import Compute
 from pipeline.config import Params, Paths
 from pipeline.cycle_control import decide
 from pipeline.data.dataset import iterate_batches, predict
@@ -43,7 +47,7 @@ from pipeline.metrics.sanity import SANITY_MAX, label_permutation
 from pipeline.models.checkpoint import file_sha256, load_model
 from pipeline.models.freeze import apply_trainable
 from pipeline.report import load_cycles
-from pipeline.training import Rows, baseline_model, baseline_spec, start_fingerprint, train_classifier
+from pipeline.training import Rows, baseline_model, baseline_spec, run_options, start_fingerprint, train_classifier
 
 log = logging.getLogger(__name__)
 
@@ -102,6 +106,7 @@ def run_sanity_checks(params: Params, paths: Paths, last_cycle: int | None = Non
 
 def _label_permutation(params: Params, paths: Paths, cycles: list[dict], serve: int, n_images: int) -> dict:
     sp, tp = params.sanity, params.train
+    compute = Compute.from_params(params.compute)
     labels = cycles[0]["labels"]
     references, arch = {}, None
     for c in cycles:
@@ -109,7 +114,7 @@ def _label_permutation(params: Params, paths: Paths, cycles: list[dict], serve: 
         weights = paths.model(k) / "model.safetensors"
         if file_sha256(weights) != c["model"]["sha256"]:
             raise ValueError(f"models/c{k} is not the checkpoint cycle {k} evaluated; re-run evaluate@c{k}")
-        model, meta = load_model(paths.model(k))
+        model, meta = load_model(paths.model(k), compute.device)
         if meta["labels"] != labels:
             raise ValueError(f"cycle {k}: labels {meta['labels']} differ from cycle 0's {labels}")
         references[f"c{k}"], arch = model, meta["arch"]
@@ -134,7 +139,7 @@ def _label_permutation(params: Params, paths: Paths, cycles: list[dict], serve: 
 
     def val_scores(model) -> dict:
         """AUROC (macro, per label) and loss on the true val labels."""
-        probs = predict(model, images, val_rows)
+        probs = predict(model.to(compute.device), images, val_rows, compute=compute)
         m = classification_metrics(y_val, probs, np.full(len(labels), 0.5), labels)
         return {"auroc": m["auroc_macro"], "loss": _bce(y_val, probs),
                 "per_label": {lab: m["per_label"][lab]["auroc"] for lab in labels}}
@@ -142,7 +147,7 @@ def _label_permutation(params: Params, paths: Paths, cycles: list[dict], serve: 
     def train_twin(permuted: dict[str, np.ndarray]):
         """Cycle 0's recipe on permuted labels (pipeline.training), its last epoch kept; val labels permuted too."""
         t0 = time.perf_counter()
-        twin = baseline_model(tp, len(labels), params.data.image_size)
+        twin = baseline_model(tp, labels, params.data.image_size)
         untrained = val_scores(twin)  # the same network before training: what image statistics alone give
         apply_trainable(twin, tp.trainable_last_n, tp.trainable_blocks)
         train_classifier(
@@ -152,7 +157,7 @@ def _label_permutation(params: Params, paths: Paths, cycles: list[dict], serve: 
                                **start_fingerprint(tp.arch, tp.model_kwargs, labels, tp.weights),
                                "image_size": params.data.image_size,
                                "trainable": [tp.trainable_last_n, tp.trainable_blocks]},
-            keep_last=True)
+            keep_last=True, **run_options(params))
         trained = val_scores(twin)
         base_loss = _bce(y_val, np.broadcast_to(prevalence, y_val.shape))
         log.info("label-permutation twin: %d epochs in %.1f s; on the true val labels AUROC %s (untrained %s), "

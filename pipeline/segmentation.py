@@ -7,6 +7,11 @@ probabilities are upsampled before thresholding: to the prepared image size for 
 to the mask dataset's own resolution (1024 px for JSRT/SCR) for the held-out Dice, so the figure says
 how well the anatomy is resolved, not how well a coarse grid is.
 Every predicted mask is cleaned and checked for plausibility (pipeline/anatomy_checks.py).
+
+Training and prediction run on `compute.device` under `compute.precision` (pipeline/compute.py):
+forward passes under autocast, the losses and the sigmoid in float32, fp16 with a GradScaler.
+Augmentation stays on the CPU (albumentations), and masks come back to the CPU before they are
+stored; with cpu/fp32 every op is the one it was before the compute section existed.
 """
 from __future__ import annotations
 
@@ -24,7 +29,8 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.anatomy_checks import Check, clean_and_check
-from pipeline.config import Params, SegmentParams
+from pipeline.compute import CPU, Compute, grad_scaler, task_compute
+from pipeline.config import ComputeParams, Params, SegmentParams
 from pipeline.data.manifest import patient_split
 from pipeline.data.record import HEART_BIT, LUNGS_BIT, Quarantined
 from pipeline.data.store import ArrayStore, write_store
@@ -103,11 +109,13 @@ def augment_batch(aug: A.Compose, x: torch.Tensor, y: torch.Tensor, known: torch
     return xb, yb
 
 
-def train_unet(p: SegmentParams, images: np.ndarray, masks: np.ndarray, known: np.ndarray) -> torch.nn.Module:
+def train_unet(p: SegmentParams, images: np.ndarray, masks: np.ndarray, known: np.ndarray,
+               compute: Compute = CPU) -> torch.nn.Module:
     """Train on uint8 images (N, S, S) and bit masks at p.size; `known` (N, 2) bool per structure.
-    Returns the net in eval mode."""
+    Returns the net in eval mode, on `compute.device`. The weights are initialised on the CPU (the
+    same start on every device); batches are drawn and augmented on the CPU, then moved."""
     torch.manual_seed(p.seed)
-    net = build_unet(p.encoder)
+    net = build_unet(p.encoder).to(compute.device)
     x_all, y_all = _inputs(images, p.size), partial_targets(masks, known, p.size)
     known_all = torch.from_numpy(np.asarray(known, dtype=bool))
     aug = augmenter(p)
@@ -117,6 +125,7 @@ def train_unet(p: SegmentParams, images: np.ndarray, masks: np.ndarray, known: n
     opt = torch.optim.AdamW(net.parameters(), lr=p.lr, weight_decay=1e-4)
     steps = p.epochs * max(1, -(-n // p.batch_size))
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=p.lr, total_steps=steps)
+    scaler = grad_scaler(compute.device, compute.precision)  # fp16 only: small gradients would underflow
     gen = torch.Generator().manual_seed(p.seed)
     start_time = time.monotonic()
     for epoch in range(p.epochs):
@@ -126,11 +135,19 @@ def train_unet(p: SegmentParams, images: np.ndarray, masks: np.ndarray, known: n
         for start in range(0, n, p.batch_size):
             b = order[start:start + p.batch_size]
             xb, yb = augment_batch(aug, x_all[b], y_all[b], known_all[b]) if aug else (x_all[b], y_all[b])
-            logits = net(xb)
+            xb, yb = xb.to(compute.device, non_blocking=True), yb.to(compute.device, non_blocking=True)
+            with compute.autocast():
+                logits = net(xb)
+            logits = logits.float()  # the losses in fp32 (a no-op in fp32)
             loss = bce(logits, yb) + dice(logits, yb)
             opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+            if scaler is None:
+                loss.backward()
+                opt.step()
+            else:
+                scaler.scale(loss).backward()
+                scaler.step(opt)
+                scaler.update()
             sched.step()
             total += float(loss.detach()) * len(b)
         log.info("unet epoch %d/%d loss %.4f (%.0f s)", epoch + 1, p.epochs, total / n, time.monotonic() - start_time)
@@ -138,37 +155,45 @@ def train_unet(p: SegmentParams, images: np.ndarray, masks: np.ndarray, known: n
 
 
 @torch.no_grad()
-def probabilities(net: torch.nn.Module, images: np.ndarray, size: int, out_size: int) -> torch.Tensor:
-    """(N, 2, out_size, out_size) lungs/heart probabilities: the net at `size`, upsampled bilinearly."""
+def probabilities(net: torch.nn.Module, images: np.ndarray, size: int, out_size: int,
+                  compute: Compute = CPU) -> torch.Tensor:
+    """(N, 2, out_size, out_size) float32 lungs/heart probabilities on the CPU: the net (on
+    `compute.device`) at `size` under autocast, sigmoid in fp32, upsampled bilinearly on the device."""
     net.eval()
-    probs = torch.sigmoid(net(_inputs(images, size)))
-    return F.interpolate(probs, size=(out_size, out_size), mode="bilinear", align_corners=False)
+    with compute.autocast():
+        logits = net(_inputs(images, size).to(compute.device, non_blocking=True))
+    probs = torch.sigmoid(logits.float())
+    return F.interpolate(probs, size=(out_size, out_size), mode="bilinear", align_corners=False).cpu()
 
 
-def predict_masks(net: torch.nn.Module, images: np.ndarray, size: int, out_size: int) -> np.ndarray:
+def predict_masks(net: torch.nn.Module, images: np.ndarray, size: int, out_size: int,
+                  compute: Compute = CPU) -> np.ndarray:
     """uint8 bit masks (N, out_size, out_size): LUNGS_BIT | HEART_BIT where probability > 0.5."""
-    probs = probabilities(net, images, size, out_size).numpy()
+    probs = probabilities(net, images, size, out_size, compute).numpy()
     return ((probs[:, 0] > 0.5) * LUNGS_BIT | (probs[:, 1] > 0.5) * HEART_BIT).astype(np.uint8)
 
 
 @torch.no_grad()
-def predict_shard(unet_path: str, images_root: str, rows: slice, batch_size: int = 128
-                  ) -> tuple[np.ndarray, list[Check]]:
+def predict_shard(unet_path: str, images_root: str, rows: slice, batch_size: int = 128,
+                  compute: ComputeParams | None = None) -> tuple[np.ndarray, list[Check]]:
     """Cleaned masks of the images `rows` of a store, by the saved U-Net (loaded once per worker
-    process), and each one's plausibility check."""
-    net, meta = cached(("unet", *file_key(unet_path)), lambda: load_unet(unet_path))
+    process, onto the device `compute` resolves to there), and each one's plausibility check."""
+    c = task_compute(compute)
+    net, meta = cached(("unet", *file_key(unet_path), str(c.device)), lambda: load_unet(unet_path, c.device))
     images = ArrayStore(images_root)
     idx = np.arange(images.count)[rows]
-    raw = np.concatenate([predict_masks(net, batch, meta["size"], images.item_shape[-1])
+    raw = np.concatenate([predict_masks(net, batch, meta["size"], images.item_shape[-1], c)
                           for _, batch in images.iter_batches(batch_size, idx)])
     return clean_and_check(raw)
 
 
-def predict_store(engine: Engine, unet_path, images: ArrayStore, out_dir, shard_size: int
-                  ) -> tuple[ArrayStore, list[Check]]:
+def predict_store(engine: Engine, unet_path, images: ArrayStore, out_dir, shard_size: int,
+                  compute: ComputeParams | None = None) -> tuple[ArrayStore, list[Check]]:
     """Predict, clean and check a mask for every image of a store; each shard of the output is one
-    task. Returns the store and one check per row."""
-    tasks = ((str(unet_path), str(images.root.resolve()), s) for s in shard_slices(len(images), shard_size))
+    task (`compute`, the params section, travels with it and is resolved in the task). Returns the
+    store and one check per row."""
+    tasks = ((str(unet_path), str(images.root.resolve()), s, 128, compute)
+             for s in shard_slices(len(images), shard_size))
     checks: list[Check] = []
 
     def masks_of(results):
@@ -221,7 +246,7 @@ def evaluate_stores(pred: ArrayStore, truth: ArrayStore, rows: np.ndarray, batch
     return scores_from_counts(counts, len(rows))
 
 
-def evaluate_native(net: torch.nn.Module, held: "MaskSet", size: int) -> dict:
+def evaluate_native(net: torch.nn.Module, held: "MaskSet", size: int, compute: Compute = CPU) -> dict:
     """Dice and IoU of the raw U-Net masks at each film's native mask resolution (probabilities
     upsampled to it, compared with the native masks fitted like the film), one film at a time;
     `resolution` says at which side(s)."""
@@ -231,7 +256,7 @@ def evaluate_native(net: torch.nn.Module, held: "MaskSet", size: int) -> dict:
         truth = loader() if loader is not None else held.masks[i]
         side = truth.shape[-1]
         sides.add(side)
-        pred = predict_masks(net, held.images[i:i + 1], size, side)
+        pred = predict_masks(net, held.images[i:i + 1], size, side, compute)
         counts += mask_counts(pred, truth[None], held.known[i:i + 1])
     scores = scores_from_counts(counts, len(held.images))
     scores["resolution"] = next(iter(sides)) if len(sides) == 1 else sorted(sides)
@@ -243,8 +268,9 @@ def save_unet(path, net: torch.nn.Module, p: SegmentParams) -> None:
                                           "structures": list(STRUCTURES)})
 
 
-def load_unet(path) -> tuple[torch.nn.Module, dict]:
-    """The saved U-Net; a CheckpointError naming the file when it is corrupt or not this U-Net."""
+def load_unet(path, device: str | torch.device = "cpu") -> tuple[torch.nn.Module, dict]:
+    """The saved U-Net (in eval mode, on `device`); a CheckpointError naming the file when it is
+    corrupt or not this U-Net."""
     state, meta = load_tensors(path)
     encoder, size = meta.get("encoder"), meta.get("size")
     if meta.get("arch") != "smp.Unet" or not isinstance(encoder, str) or not isinstance(size, int) or size < 1:
@@ -254,7 +280,7 @@ def load_unet(path) -> tuple[torch.nn.Module, dict]:
     except (KeyError, ValueError, TypeError):
         raise CheckpointError(f"checkpoint {path} names an unknown U-Net encoder {encoder[:64]!r}") from None
     load_state(net, state, path, f"smp.Unet({encoder})")
-    return net.eval(), meta
+    return net.to(device).eval(), meta
 
 
 @dataclass

@@ -17,9 +17,18 @@ the library pairs *post*-ReLU activations with *pre*-ReLU gradients (tests/test_
 
 Maps are returned on the model's device at the target layer's resolution, ReLU'd and min-max
 normalised per map exactly as grad-cam does; `maps.resize` brings them to image size.
+
+Precision: CAMs are always computed in fp32, whatever `compute.precision` says and even inside a
+caller's autocast block (autocast is switched off for the forward, backward and formulas). A Grad-CAM is a product of
+activations and gradients that is then min-max normalised: in bf16 (8 bits of mantissa) small
+gradients round away and near-ties in a map change its peak, so the pointing game and the
+sanity rank correlations would move with the precision. fp32 keeps the maps the same on every
+setting (tests/test_compute.py); the device still speeds them up. The model only has to be on the
+device: inputs are moved to it here.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 from contextlib import contextmanager
 from typing import Iterator
@@ -49,6 +58,14 @@ def _frozen(model: nn.Module) -> Iterator[None]:
     finally:
         for p in params:
             p.requires_grad_(True)
+
+
+def full_precision(device: torch.device):
+    """A context with autocast off for `device`'s type (see the module docstring: CAMs in fp32)."""
+    try:
+        return torch.autocast(device_type=device.type, enabled=False)
+    except RuntimeError:  # a device type without autocast: nothing to switch off
+        return contextlib.nullcontext()
 
 
 class AllLabelCAM:
@@ -82,7 +99,7 @@ class AllLabelCAM:
         device = next(self.model.parameters()).device
         handle = self.layer.register_forward_hook(cut)
         try:
-            with _frozen(self.model), torch.enable_grad():
+            with _frozen(self.model), torch.enable_grad(), full_precision(device):
                 logits = self.model(x.to(device))
         finally:
             handle.remove()
@@ -106,6 +123,10 @@ class AllLabelCAM:
                                 for k in range(n_labels)])
 
     def __call__(self, x: torch.Tensor, labels: list[int] | None = None) -> torch.Tensor:
+        with full_precision(next(self.model.parameters()).device):  # forward, backward and formulas
+            return self._maps(x, labels)
+
+    def _maps(self, x: torch.Tensor, labels: list[int] | None) -> torch.Tensor:
         logits, leaf = self.forward_with_cut(x)
         labels = list(range(logits.shape[1])) if labels is None else list(labels)
         acts = self._grid(leaf.detach())                                   # (N, C, h, w)

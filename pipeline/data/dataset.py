@@ -6,6 +6,7 @@ from typing import Iterator
 import numpy as np
 import torch
 
+from pipeline.compute import CPU, Compute
 from pipeline.data.store import ArrayStore
 from pipeline.data.transforms import augment_batch, to_model_input
 
@@ -30,8 +31,16 @@ def iterate_batches(store: ArrayStore, indices: np.ndarray, targets: np.ndarray 
 
 
 @torch.no_grad()
-def predict(model: torch.nn.Module, store: ArrayStore, indices: np.ndarray, batch_size: int = 128) -> np.ndarray:
-    """Sigmoid probabilities (len(indices), L) in the given order, model in eval mode."""
+def predict(model: torch.nn.Module, store: ArrayStore, indices: np.ndarray, batch_size: int = 128,
+            compute: Compute = CPU) -> np.ndarray:
+    """Sigmoid probabilities (len(indices), L) as float32 on the CPU, in the given order, model in eval mode.
+
+    `model` must already be on `compute.device`; inputs go there, the forward runs under its autocast
+    (bf16/fp16 logits are cast to float32 before the sigmoid, so thresholds and metrics see fp32)."""
     model.eval()
-    outs = [torch.sigmoid(model(x)).numpy() for x, _, _ in iterate_batches(store, indices, None, batch_size)]
+    outs = []
+    for x, _, _ in iterate_batches(store, indices, None, batch_size):
+        with compute.autocast():
+            logits = model(x.to(compute.device, non_blocking=True))
+        outs.append(torch.sigmoid(logits.float()).cpu().numpy())
     return np.concatenate(outs) if outs else np.zeros((0, 0), dtype=np.float32)

@@ -65,16 +65,28 @@ def _blocks(model: nn.Module) -> list[list[tuple[str, nn.Module]]]:
 
 
 def _reinit(module: nn.Module, seed: int) -> None:
-    """The layer's own initialiser where it has one, else N(0, 0.02); seeded without touching global RNG."""
-    devices = sorted({p.device.index or 0 for p in module.parameters(recurse=False) if p.is_cuda})
-    with torch.random.fork_rng(devices=devices):
-        torch.manual_seed(seed)
-        if callable(getattr(module, "reset_parameters", None)):
-            module.reset_parameters()
-        else:
-            with torch.no_grad():
-                for p in module.parameters(recurse=False):
-                    p.normal_(0.0, 0.02)
+    """The layer's own initialiser where it has one, else N(0, 0.02); seeded without touching global RNG.
+
+    The draws are made on the CPU whatever the module's device (its parameters visit the CPU and go
+    back): a GPU's generator gives other numbers for the same seed, and the randomised model, so the
+    sanity figure, would then depend on the hardware rather than on `seed`."""
+    params = list(module.parameters(recurse=False))
+    away = {p: p.data for p in params if p.device.type != "cpu"}
+    for p, data in away.items():
+        p.data = data.cpu()
+    try:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            if callable(getattr(module, "reset_parameters", None)):
+                module.reset_parameters()
+            else:
+                with torch.no_grad():
+                    for p in params:
+                        p.normal_(0.0, 0.02)
+    finally:
+        for p, data in away.items():
+            data.copy_(p.data)
+            p.data = data
 
 
 def _cams(model: nn.Module, images: torch.Tensor, cam_fn: CamFn) -> np.ndarray:

@@ -22,8 +22,10 @@ def run(params, paths, args) -> None:
     attrs = {"model_cycle": prev, "labels": meta["labels"], "method": params.cam.method, "rows": "train"}
     with open_engine(params.engine) as engine:  # the stored side is the target layer's grid unless cam.size sets one
         write_cams(engine, paths.model(prev).resolve(), paths.images.resolve(), idx, paths.cams(k),
-                   params.cam.method, params.cam.size, params.cam.batch_size, params.data.shard_size, attrs)
-    log.info("cycle %d: %d CAMs of model c%d (%s)", k, len(idx), prev, engine.description)
+                   params.cam.method, params.cam.size, params.cam.batch_size, params.data.shard_size, attrs,
+                   params.compute)  # the device only: CAMs are fp32 on every compute.precision
+    log.info("cycle %d: %d CAMs of model c%d (%s, compute.device %s)", k, len(idx), prev, engine.description,
+             params.compute.device)
 
 
 if __name__ == "__main__":

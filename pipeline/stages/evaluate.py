@@ -5,6 +5,7 @@ import numpy as np
 import pandas as pd
 
 from pipeline.anatomy_checks import load_plausibility
+from pipeline.compute import Compute
 from pipeline.data.store import ArrayStore
 from pipeline.evaluation import evaluate_cycle, headline
 from pipeline.io import atomic_path, read_json, write_json
@@ -16,13 +17,15 @@ log = logging.getLogger(__name__)
 
 def run(params, paths, args) -> None:
     k = args.cycle
-    model, meta = load_model(paths.model(k))
+    compute = Compute.from_params(params.compute)
+    model, meta = load_model(paths.model(k), compute.device)
     manifest = pd.read_parquet(paths.manifest)
     boxes = pd.read_parquet(paths.boxes)
     grid_ids = read_json(paths.grid)["image_ids"][: params.report.grid_images]
     markers = pd.read_parquet(paths.audit_markers) if paths.audit_on else None
     scores, grid = evaluate_cycle(model, meta, params, manifest, boxes, ArrayStore(paths.images),
-                                  ArrayStore(paths.masks), grid_ids, markers, load_plausibility(paths.masks))
+                                  ArrayStore(paths.masks), grid_ids, markers, load_plausibility(paths.masks),
+                                  compute)
     scores["model"] = {"path": str(paths.model(k) / "model.safetensors"),
                        "sha256": file_sha256(paths.model(k) / "model.safetensors"),
                        **{key: meta[key] for key in ("arch", "labels", "image_size", "parent", "data_hash",

@@ -14,6 +14,7 @@ import pandas as pd
 
 from pipeline import figures
 from pipeline.anatomy_checks import checks_frame, write_checks
+from pipeline.compute import Compute
 from pipeline.data.manifest import rows
 from pipeline.data.store import ArrayStore
 from pipeline.engine import open_engine
@@ -33,20 +34,23 @@ def run(params, paths, args) -> None:
     images = ArrayStore(paths.prepared_images)
     has_truth = (paths.gt_masks / "index.json").is_file()
     truth = ArrayStore(paths.gt_masks) if has_truth else None
+    compute = Compute.from_params(params.compute)
+    log.info("U-Net on %s in %s", compute.device, compute.precision)
     started = time.monotonic()
     if has_truth and not p.mask_sources:
         train_idx = rows(manifest, "train")[: p.n_train]
-        net = train_unet(p, images.read(train_idx), truth.read(train_idx), np.ones((len(train_idx), 2), bool))
+        net = train_unet(p, images.read(train_idx), truth.read(train_idx), np.ones((len(train_idx), 2), bool),
+                         compute)
         scores = {"sources": [params.data.source], "n_train": int(len(train_idx)), "quarantined": 0}
         train_seconds = time.monotonic() - started
     else:
         train, held, quarantined = mask_sets(params)
-        net = train_unet(p, train.images, train.masks, train.known)
+        net = train_unet(p, train.images, train.masks, train.known, compute)
         train_seconds = time.monotonic() - started
-        at_input = evaluate_masks(predict_masks(net, held.images, p.size, p.size), held.masks, held.known)
+        at_input = evaluate_masks(predict_masks(net, held.images, p.size, p.size, compute), held.masks, held.known)
         scores = {"sources": sorted(set(train.sources)), "n_train": len(train.images),
                   "quarantined": len(quarantined),
-                  "held_out": evaluate_native(net, held, p.size),       # at the masks' own resolution
+                  "held_out": evaluate_native(net, held, p.size, compute),  # at the masks' own resolution
                   "held_out_at_input": {**at_input, "resolution": p.size}}
     scores["size"] = p.size  # (no timing in metrics.json: DVC outputs are the same bytes every run)
     log.info("U-Net trained in %.0f s on %d films at %d px", train_seconds, scores["n_train"], p.size)
@@ -54,7 +58,7 @@ def run(params, paths, args) -> None:
     save_unet(unet_path, net, p)
     with open_engine(params.engine) as engine:
         pred, checks = predict_store(engine, unet_path.resolve(), images, paths.predicted_masks,
-                                     params.data.shard_size)
+                                     params.data.shard_size, params.compute)  # resolved in each task
     frame = checks_frame(manifest["image_id"], checks)
     frame.insert(1, "split", manifest["split"].to_numpy())
     write_checks(paths.predicted_masks, frame)

@@ -7,6 +7,11 @@ predicted anatomy, and the share of each heatmap's energy inside its label's ana
 `energy_share` the evaluation reports). Nothing is written to disk. Models are shared by all
 requests; a lock runs one analysis at a time (the CAM hooks belong to the shared modules, and two
 concurrent passes on a 2-core CPU are not faster than one after the other).
+
+Models live on the device of params.yaml's `compute.device` (`auto`: CUDA when present, else the
+CPU, so the same params serve on a laptop). Each model's probabilities come from the same fp32 pass
+as its heatmaps (CAMs are fp32 whatever the precision: pipeline/cam/all_labels.py); `compute.precision`
+applies to the U-Net's anatomy.
 """
 from __future__ import annotations
 
@@ -22,7 +27,8 @@ import torch
 
 from pipeline.cam.all_labels import AllLabelCAM
 from pipeline.cam.maps import resize
-from pipeline.config import ConfigError, DataParams, Params, Paths, load_params
+from pipeline.compute import CPU, Compute
+from pipeline.config import ComputeParams, ConfigError, DataParams, Params, Paths, load_params
 from pipeline.data.decode import DecodeError, decode
 from pipeline.data.labels import LABEL_ANATOMY
 from pipeline.data.record import decode_anatomy
@@ -99,6 +105,7 @@ class Engine:
         self.root = Path(root).resolve()
         self.paths = Paths(self.root)
         self.params = self._params()
+        self.compute = self._compute()
         self.max_pixels = int(max_pixels or os.environ.get("CXR_MAX_PIXELS") or VIEWER_MAX_PIXELS)
         self.cam_method = cam_method or self.params.cam.method
         self.want_baseline = baseline
@@ -123,10 +130,32 @@ class Engine:
             import yaml
 
             log.warning("params.yaml does not validate here (%s); reading data.fit/center_crop from it as is", err)
-            raw = (yaml.safe_load(path.read_text()) or {}).get("data", {}) or {}
+            doc = yaml.safe_load(path.read_text()) or {}
+            raw = doc.get("data", {}) or {}
             keep = {k: raw[k] for k in ("fit", "center_crop", "max_pixels") if k in raw}
             return Params.model_construct(data=DataParams.model_construct(**{**DataParams().model_dump(), **keep}),
-                                          cam=Params().cam)
+                                          cam=Params().cam, compute=self._fallback_compute(doc.get("compute")))
+
+    @staticmethod
+    def _fallback_compute(raw) -> ComputeParams:
+        """The `compute` section of a params.yaml that does not validate here: its precision on whatever
+        device `auto` finds (a `device: cuda` written on a GPU machine must not stop the viewer on a
+        laptop), else the defaults (auto, fp32)."""
+        precision = raw.get("precision", "fp32") if isinstance(raw, dict) else "fp32"
+        try:
+            return ComputeParams(device="auto", precision=precision)
+        except ValueError:  # pydantic's ValidationError is one
+            return ComputeParams()
+
+    def _compute(self) -> Compute:
+        """Where the viewer's models run; the CPU (with a warning) if the params' device cannot be used."""
+        try:
+            compute = Compute.from_params(self.params.compute)
+        except ValueError as err:
+            log.warning("compute settings cannot be used here (%s); running on the CPU in fp32", err)
+            return CPU
+        log.info("viewer models on %s in %s", compute.device, compute.precision)
+        return compute
 
     # -- loading ---------------------------------------------------------------------------------
     @property
@@ -166,7 +195,7 @@ class Engine:
                 if unet_path.is_file():
                     from pipeline.segmentation import load_unet
 
-                    unet, unet_meta = load_unet(unet_path)
+                    unet, unet_meta = load_unet(unet_path, self.compute.device)
                     for p in unet.parameters():
                         p.requires_grad_(False)
             except (CheckpointError, KeyError, OSError, ValueError) as err:
@@ -186,7 +215,7 @@ class Engine:
                      baseline.cycle if baseline else "-")
 
     def _serve(self, path: Path) -> Served:
-        model, meta = load_model(path)
+        model, meta = load_model(path, self.compute.device)
         for p in model.parameters():   # inference only: the CAM needs gradients of activations, not weights
             p.requires_grad_(False)
         weights = path if path.is_file() else path / MODEL_FILE
@@ -251,11 +280,11 @@ class Engine:
     def _run(self, served: Served, image: np.ndarray) -> ModelResult:
         x = to_model_input(image[None], served.meta.get("normalisation", NORMALISATION))
         served.logits.clear()
-        low = served.cam(x)                                   # (1, L, h, w): every label, one pass
+        low = served.cam(x)                                   # (1, L, h, w): every label, one fp32 pass
         logits = served.logits[0]
         served.logits.clear()
-        cams = resize(low, image.shape[-1])[0].numpy().astype(np.float32)
-        probs = torch.sigmoid(logits.float())[0].numpy()
+        cams = resize(low, image.shape[-1])[0].cpu().numpy().astype(np.float32)
+        probs = torch.sigmoid(logits.float())[0].cpu().numpy()
         return ModelResult(served.cycle, probs, cams, [None] * len(probs))
 
     @torch.no_grad()
@@ -266,7 +295,8 @@ class Engine:
         from pipeline.segmentation import predict_masks
 
         # cleaned as the pipeline cleans every mask (two largest lungs, largest heart): the same shares
-        mask = predict_masks(self.unet, image[None], int(self.unet_meta.get("size", 64)), image.shape[-1])[0]
+        mask = predict_masks(self.unet, image[None], int(self.unet_meta.get("size", 64)), image.shape[-1],
+                             self.compute)[0]
         return postprocess(mask)[0]
 
     @staticmethod
@@ -284,6 +314,7 @@ class Engine:
         with self._lock, torch.no_grad():
             for served in ([self.latest, self.baseline] if baseline and self.baseline is not None
                            and self.baseline is not self.latest else [self.latest]):
-                served.model(to_model_input(image[None], served.meta.get("normalisation", NORMALISATION)))
+                x = to_model_input(image[None], served.meta.get("normalisation", NORMALISATION))
+                served.model(x.to(self.compute.device))
                 served.logits.clear()
             self._mask(image)
