@@ -109,9 +109,9 @@ def in_process() -> Engine:
 
 
 @contextmanager
-def open_engine(p: EngineParams) -> Iterator[Engine]:
+def open_engine(p: EngineParams, device: str = "auto") -> Iterator[Engine]:
     """The engine `p` asks for (after `resolve`): in-process, a client of `address`, or a LocalCluster
-    that lives as long as the `with` block."""
+    that lives as long as the `with` block (one worker per GPU when `device`, compute.device, means CUDA)."""
     p = resolve(p)
     logging.getLogger("distributed").setLevel(max(logging.WARNING, logging.getLogger().level))
     if p.kind == "local":
@@ -125,7 +125,7 @@ def open_engine(p: EngineParams) -> Iterator[Engine]:
             log.info("engine: %s", engine.description)
             yield engine
         return
-    with local_cluster(p) as cluster, Client(cluster, set_as_default=False) as client:
+    with local_cluster(p, device) as cluster, Client(cluster, set_as_default=False) as client:
         engine = Engine(p, client)
         log.info("engine: %s", engine.description)
         yield engine

@@ -92,7 +92,7 @@ def prepare(params: Params, paths: Paths) -> dict:
     images = ArrayStoreWriter(paths.prepared_images, (size, size), np.uint8, params.data.shard_size,
                               attrs={"source": params.data.source})
     masks = None
-    with open_engine(params.engine) as engine:
+    with open_engine(params.engine, params.compute.device) as engine:
         for rec in tqdm(loaded(engine, module.records(params, id_salt(paths.root)), params.data.shard_size),
                         desc="prepare", unit="img", mininterval=2):
             if isinstance(rec, Quarantined):

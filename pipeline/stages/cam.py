@@ -20,7 +20,8 @@ def run(params, paths, args) -> None:
         raise ValueError(f"cycle {k}: no training images to explain")
     meta = read_meta(paths.model(prev) / MODEL_FILE)
     attrs = {"model_cycle": prev, "labels": meta["labels"], "method": params.cam.method, "rows": "train"}
-    with open_engine(params.engine) as engine:  # the stored side is the target layer's grid unless cam.size sets one
+    # the stored side is the target layer's grid unless cam.size sets one
+    with open_engine(params.engine, params.compute.device) as engine:
         write_cams(engine, paths.model(prev).resolve(), paths.images.resolve(), idx, paths.cams(k),
                    params.cam.method, params.cam.size, params.cam.batch_size, params.data.shard_size, attrs,
                    params.compute)  # the device only: CAMs are fp32 on every compute.precision

@@ -28,7 +28,7 @@ def run(params, paths, args) -> None:
     images, masks, cams = ArrayStore(paths.images), open_masks(paths.masks), ArrayStore(paths.cams(k))
     if cams.attrs.get("labels") != labels:
         raise ValueError(f"CAMs of c{k} are for labels {cams.attrs.get('labels')}, expected {labels}")
-    with open_engine(params.engine) as engine:
+    with open_engine(params.engine, params.compute.device) as engine:
         out, plan = enhance(p, images, masks, cams, train_idx, targets, labels, paths.enhanced_train(k),
                             params.data.shard_size, cycle=k, engine=engine)
         if p.policy in LABEL_BLIND and len(val_idx):  # the same transform, so selection sees no shortcut either

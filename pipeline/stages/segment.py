@@ -56,7 +56,7 @@ def run(params, paths, args) -> None:
     log.info("U-Net trained in %.0f s on %d films at %d px", train_seconds, scores["n_train"], p.size)
     unet_path = paths.unet / "unet.safetensors"
     save_unet(unet_path, net, p)
-    with open_engine(params.engine) as engine:
+    with open_engine(params.engine, params.compute.device) as engine:
         pred, checks = predict_store(engine, unet_path.resolve(), images, paths.predicted_masks,
                                      params.data.shard_size, params.compute)  # resolved in each task
     frame = checks_frame(manifest["image_id"], checks)
