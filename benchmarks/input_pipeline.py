@@ -16,7 +16,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from pipeline.compute import CPU, Compute, available_cores, grad_scaler
+from pipeline.compute import CPU, Compute, available_cores, grad_scaler, optimiser_step
 from pipeline.config import AugmentParams
 from pipeline.data import phantom
 from pipeline.data.loader import EpochBatches, batch_loader
@@ -90,14 +90,7 @@ def train_step(model: torch.nn.Module, opt: torch.optim.Optimizer, scaler, compu
     with compute.autocast():
         logits = model(x)
     loss = masked_bce(logits.float(), y)
-    opt.zero_grad(set_to_none=True)
-    if scaler is None:
-        loss.backward()
-        opt.step()
-    else:
-        scaler.scale(loss).backward()
-        scaler.step(opt)
-        scaler.update()
+    optimiser_step(loss, opt, scaler)
     return float(loss.detach())
 
 

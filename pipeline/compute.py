@@ -95,6 +95,19 @@ def grad_scaler(device: torch.device, precision: str) -> torch.amp.GradScaler | 
     return torch.amp.GradScaler(device.type) if precision == "fp16" else None
 
 
+def optimiser_step(loss: torch.Tensor, opt: torch.optim.Optimizer, scaler: torch.amp.GradScaler | None) -> None:
+    """zero_grad, backward and step: through the GradScaler (fp16), else plainly. The classifier, the
+    U-Net and the benchmarks all step this way."""
+    opt.zero_grad(set_to_none=True)
+    if scaler is None:
+        loss.backward()
+        opt.step()
+    else:
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
+
+
 def describe(device: torch.device, precision: str, threads: int) -> str:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
     return f"{name}, {precision}, {threads} CPU thread(s)"

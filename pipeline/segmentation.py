@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.anatomy_checks import Check, clean_and_check
-from pipeline.compute import CPU, Compute, grad_scaler, task_compute
+from pipeline.compute import CPU, Compute, grad_scaler, optimiser_step, task_compute
 from pipeline.config import ComputeParams, Params, SegmentParams
 from pipeline.data.manifest import patient_split
 from pipeline.data.record import HEART_BIT, LUNGS_BIT, Quarantined
@@ -140,14 +140,7 @@ def train_unet(p: SegmentParams, images: np.ndarray, masks: np.ndarray, known: n
                 logits = net(xb)
             logits = logits.float()  # the losses in fp32 (a no-op in fp32)
             loss = bce(logits, yb) + dice(logits, yb)
-            opt.zero_grad(set_to_none=True)
-            if scaler is None:
-                loss.backward()
-                opt.step()
-            else:
-                scaler.scale(loss).backward()
-                scaler.step(opt)
-                scaler.update()
+            optimiser_step(loss, opt, scaler)
             sched.step()
             total += float(loss.detach()) * len(b)
         log.info("unet epoch %d/%d loss %.4f (%.0f s)", epoch + 1, p.epochs, total / n, time.monotonic() - start_time)

@@ -31,7 +31,7 @@ from torch import nn
 from tqdm import tqdm
 
 from pipeline import distributed
-from pipeline.compute import CPU, Compute, grad_scaler
+from pipeline.compute import CPU, Compute, grad_scaler, optimiser_step
 from pipeline.data.dataset import predict
 from pipeline.data.loader import EpochBatches, batch_loader
 from pipeline.data.store import ArrayStore
@@ -371,14 +371,7 @@ def _train(model: nn.Module, spec: TrainSpec, labels: list[str], train: Rows, se
             with compute.autocast():
                 logits = net(x)
             loss = masked_bce(logits.float(), y)
-            opt.zero_grad(set_to_none=True)
-            if scaler is None:
-                loss.backward()
-                opt.step()
-            else:
-                scaler.scale(loss).backward()
-                scaler.step(opt)
-                scaler.update()
+            optimiser_step(loss, opt, scaler)
             sched.step()
             total += float(loss.detach()) * len(x)
             n += len(x)
