@@ -108,11 +108,6 @@ def optimiser_step(loss: torch.Tensor, opt: torch.optim.Optimizer, scaler: torch
         scaler.update()
 
 
-def describe(device: torch.device, precision: str, threads: int) -> str:
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
-    return f"{name}, {precision}, {threads} CPU thread(s)"
-
-
 @dataclass(frozen=True)
 class Compute:
     """A resolved `compute` section: the device and precision every torch call of a stage uses."""
@@ -127,10 +122,6 @@ class Compute:
 
     def autocast(self):
         return autocast(self.device, self.precision)
-
-    @property
-    def on_gpu(self) -> bool:
-        return self.device.type != "cpu"
 
 
 CPU = Compute()

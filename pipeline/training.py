@@ -262,19 +262,6 @@ def train_classifier(model: nn.Module, spec: TrainSpec, labels: list[str], train
                       compute, num_workers, checkpoint_every)
 
 
-class _OnDevice(nn.Module):
-    """Feeds CPU batches (pipeline.data.dataset.predict) to a model on `compute`'s device, in its
-    precision, and hands back float32 CPU outputs."""
-
-    def __init__(self, model: nn.Module, compute: Compute):
-        super().__init__()
-        self.model, self.compute = model, compute
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        with self.compute.autocast():
-            return self.model(x.to(self.compute.device)).float().cpu()
-
-
 def _train(model: nn.Module, spec: TrainSpec, labels: list[str], train: Rows, select: Rows, resume_dir: Path,
            fingerprint_extra: dict | None, calibrate: Rows | None, keep_last: bool, compute: Compute,
            num_workers: int, checkpoint_every: int) -> dict:
@@ -354,7 +341,7 @@ def _train(model: nn.Module, spec: TrainSpec, labels: list[str], train: Rows, se
     # DDP averages the ranks' gradients in backward; `model` stays the plain module (saved keys unprefixed)
     net = model if world == 1 else nn.parallel.DistributedDataParallel(
         model, device_ids=[device.index] if device.type == "cuda" else None)
-    infer = model if device.type == "cpu" and compute.precision == "fp32" else _OnDevice(model, compute)
+    on_device = Compute(device, compute.precision)  # this rank's device (DDP) for validation and calibration
     loader, sampler = batch_loader(batches, num_workers, pin_memory=device.type == "cuda")
     for epoch in range(start_epoch, spec.epochs):
         model.train()
@@ -382,7 +369,7 @@ def _train(model: nn.Module, spec: TrainSpec, labels: list[str], train: Rows, se
             # validates, selects and calibrates the same weights
             distributed.broadcast_buffers(model)
             total, n = map(sum, zip(*distributed.all_gather_object((total, n))))
-        probs = predict(infer, select.store, select.idx, spec.batch_size * 2)
+        probs = predict(model, select.store, select.idx, spec.batch_size * 2, on_device)
         score, val_loss = distributed.broadcast_object(_val_score(select.targets, probs, labels))
         row = dict(zip(HISTORY_KEYS, (epoch, total / max(n, 1), val_loss, score, sched.get_last_lr()[0])))
         history.append(row)
@@ -395,7 +382,7 @@ def _train(model: nn.Module, spec: TrainSpec, labels: list[str], train: Rows, se
         save_resume(epoch, 0, (0.0, 0))
 
     model.load_state_dict(best["state"])
-    probs = predict(infer, calibrate.store, calibrate.idx, spec.batch_size * 2)
+    probs = predict(model, calibrate.store, calibrate.idx, spec.batch_size * 2, on_device)
     thresholds = choose_thresholds(calibrate.targets, probs)
     if device.type != "cpu":
         model.to("cpu")  # callers save and evaluate on the CPU
