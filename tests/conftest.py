@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
@@ -11,8 +10,7 @@ import pytest
 import yaml
 
 from pipeline.config import real_data_dir
-
-ROOT = Path(__file__).resolve().parents[1]
+from tests.helpers import ROOT  # re-exported: modules import it from here
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
@@ -39,25 +37,6 @@ def tiny_params() -> dict:
     p["engine"] = {"kind": "local"}  # a LocalCluster per stage costs ~4 s; tests/test_engine.py runs Dask
     p["cycles"] = {"c1": {"id": 1, "prev": 0}, "c2": {"id": 2, "prev": 1}}
     return p
-
-
-def make_project(dest: Path, params: dict) -> Path:
-    """A fresh git + DVC project with this repo's code and the given params."""
-    dest.mkdir(parents=True, exist_ok=True)
-    for name in ("pipeline", "flows"):
-        shutil.copytree(ROOT / name, dest / name, ignore=shutil.ignore_patterns("__pycache__"))
-    shutil.copy(ROOT / "dvc.yaml", dest / "dvc.yaml")
-    (dest / "data" / "raw").mkdir(parents=True)
-    shutil.copy(ROOT / "data" / "raw" / "README.md", dest / "data" / "raw" / "README.md")
-    (dest / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    env = {**os.environ, "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t",
-           "GIT_COMMITTER_EMAIL": "t@t"}
-    for cmd in (["git", "init", "-q"], [sys.executable, "-m", "dvc", "init", "-q"],
-                [sys.executable, "-m", "dvc", "config", "core.analytics", "false"],
-                ["git", "add", "-A"], ["git", "commit", "-qm", "init"]):
-        subprocess.run(cmd, cwd=dest, check=True, env=env, capture_output=True)
-    return dest
-
 
 
 def link_jsrt(jsrt: Path, dest: Path, n: int) -> Path:

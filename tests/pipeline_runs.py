@@ -24,7 +24,7 @@ import psutil
 import pytest
 import yaml
 
-from tests.conftest import make_project
+from tests.helpers import make_project
 
 ENV = {**os.environ, "DVC_NO_ANALYTICS": "1", "CXR_LOG_LEVEL": "WARNING",
        "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}

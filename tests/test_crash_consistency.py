@@ -24,7 +24,8 @@ import pytest
 import yaml
 
 from pipeline.models.checkpoint import load_tensors
-from tests.conftest import make_project, tiny_params
+from tests.conftest import tiny_params
+from tests.helpers import make_project
 from tests.pipeline_runs import (ENV, Leftovers, assert_same_code, check_invariants, dvc_ok, flow_env, launch,
                                  lock, lock_outs, out_mismatches, project_like, reference_project,
                                  new_shards, running_command, sigkill, subreaper, wait_for)

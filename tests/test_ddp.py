@@ -7,7 +7,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import textwrap
@@ -25,8 +24,9 @@ from pipeline.config import ConfigError, EngineParams, load_params
 from pipeline.models.checkpoint import load_model, load_tensors
 from pipeline.models.registry import create_model
 from pipeline.training import RESUME_FILE
-from tests.conftest import make_project, tiny_params
+from tests.conftest import tiny_params
 from tests.fixtures.toy import two_label_store
+from tests.helpers import free_port, make_project
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -60,12 +60,6 @@ SCRIPT = textwrap.dedent('''
 ''')
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _launch(work: Path, run: str, nproc: int | None) -> list[dict]:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "CXR_LOG_LEVEL": "WARNING"}
     for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
@@ -74,7 +68,7 @@ def _launch(work: Path, run: str, nproc: int | None) -> list[dict]:
     cmd = [sys.executable, str(script), str(work), run]
     if nproc:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
-               "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), str(script), str(work), run]
+               "--master_addr", "127.0.0.1", "--master_port", str(free_port()), str(script), str(work), run]
     done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     results = [json.loads(line[7:]) for line in done.stdout.splitlines() if line.startswith("RESULT ")]

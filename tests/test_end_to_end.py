@@ -4,7 +4,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -15,7 +14,8 @@ import pytest
 import yaml
 
 from pipeline.report import SUMMARY_KEYS
-from tests.conftest import ROOT, make_project, tiny_params
+from tests.conftest import ROOT, tiny_params
+from tests.helpers import free_port, make_project
 
 
 def dvc(project, *args, check=True):
@@ -128,15 +128,9 @@ def test_flow_fails_fast_on_bad_params(prefect_harness, tmp_path):
     assert not (project / "data" / "prepared").exists()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_flow_against_a_running_prefect_server(repro_project, tmp_path):
     """`prefect server start`, then `python -m flows.refine` with PREFECT_API_URL: the run is recorded."""
-    port = _free_port()
+    port = free_port()
     api = f"http://127.0.0.1:{port}/api"
     env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect"), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
            "PREFECT_API_URL": api}

@@ -15,7 +15,8 @@ from flows.refine import shared_cluster
 from pipeline.config import EngineParams
 from pipeline.data.store import ArrayStore
 from pipeline.engine import Engine, in_process, open_engine, shard_slices
-from tests.conftest import make_project, tiny_params
+from tests.conftest import tiny_params
+from tests.helpers import make_project
 
 STAGES = [("prepare", []), ("segment", []), ("cam", ["--cycle", "1"]), ("enhance", ["--cycle", "1"])]
 

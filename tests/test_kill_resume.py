@@ -8,7 +8,8 @@ import sys
 import time
 
 from pipeline.models.checkpoint import load_model
-from tests.conftest import make_project, tiny_params
+from tests.conftest import tiny_params
+from tests.helpers import make_project
 
 
 def test_sigkill_during_training_then_repro_finishes(tmp_path):

@@ -15,7 +15,8 @@ import pandas as pd
 import pytest
 
 from pipeline.io import read_json
-from tests.conftest import link_jsrt, make_project, tiny_params
+from tests.conftest import link_jsrt, tiny_params
+from tests.helpers import make_project
 
 N_FILMS = 300
 N_JSRT = 80

@@ -12,7 +12,8 @@ import pytest
 
 from pipeline.data.labels import CANONICAL_LABELS
 from pipeline.evaluation import SUMMARY_KEYS
-from tests.conftest import make_project, tiny_params
+from tests.conftest import tiny_params
+from tests.helpers import make_project
 
 SOURCES = ("kermany", "cardiomegaly", "chexpert", "rsna", "nih")
 HAS_BOXES = {"rsna", "nih"}

@@ -13,7 +13,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -24,7 +23,8 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from tests.conftest import ROOT, make_project, tiny_params
+from tests.conftest import ROOT, tiny_params
+from tests.helpers import free_port, make_project
 
 USER, PASSWORD = "clinician", "test-password-1"
 _cache: dict = {}
@@ -59,12 +59,6 @@ def serve_cycle(project: Path, cycle: int) -> None:
     latest = project / "models" / "latest.json"
     info = json.loads(latest.read_text())
     latest.write_text(json.dumps({**info, "cycle": cycle, "checkpoint": f"models/c{cycle}"}))
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @dataclass
