@@ -77,17 +77,17 @@ def _interleaved_ms(fns: dict, repeats: int) -> dict:
 
 
 def _in_process(root: Path, data: bytes, repeats: int) -> dict:
-    from pipeline.viewer.engine import Engine
+    from pipeline.viewer.inference import ServedModels
 
-    engine = Engine(root)
-    engine.load()
-    image, _ = engine.prepare(data)
-    t = _interleaved_ms({"forward": lambda: engine.forward_only(image),
-                         "analyse": lambda: engine.analyse(data),
-                         "forward_latest": lambda: engine.forward_only(image, baseline=False),
-                         "analyse_latest": lambda: engine.analyse(data, baseline=False)}, repeats)
-    parts = engine.analyse(data).timings_ms
-    decode = median_ms(lambda: engine.prepare(data), repeats)
+    models = ServedModels(root)
+    models.load()
+    image, _ = models.prepare(data)
+    t = _interleaved_ms({"forward": lambda: models.forward_only(image),
+                         "analyse": lambda: models.analyse(data),
+                         "forward_latest": lambda: models.forward_only(image, baseline=False),
+                         "analyse_latest": lambda: models.analyse(data, baseline=False)}, repeats)
+    parts = models.analyse(data).timings_ms
+    decode = median_ms(lambda: models.prepare(data), repeats)
     return {"forward_ms": round(t["forward"], 1), "analyse_ms": round(t["analyse"], 1),
             "analyse_over_forward": round(t["analyse"] / t["forward"], 3),
             "decode_ms": round(decode, 1),

@@ -122,10 +122,10 @@ def test_auto_is_the_cpu_here(tmp_path):
 def test_the_viewer_starts_on_a_machine_without_the_params_gpu(tmp_path, compute, expect):
     """auto is the CPU here; a params.yaml written for a GPU machine does not validate here, and the
     viewer keeps its precision where the CPU can run it (fp16 cannot)."""
-    from pipeline.viewer.engine import Engine
+    from pipeline.viewer.inference import ServedModels
 
     _params_file(tmp_path, compute)
-    assert Engine(tmp_path).compute == expect
+    assert ServedModels(tmp_path).compute == expect
 
 
 # -- classifier predictions and CAMs ------------------------------------------------------------

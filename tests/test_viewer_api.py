@@ -201,19 +201,19 @@ def test_a_newly_trained_model_is_served_without_a_restart(tmp_path):
     """models/latest.json changing (a new cycle, a `dvc checkout`) swaps the served model in place."""
     import shutil
 
-    from pipeline.viewer.engine import Engine
+    from pipeline.viewer.inference import ServedModels
 
     src, project = trained_project(), tmp_path / "p"
     shutil.copytree(src / "models", project / "models")
     shutil.copy(src / "params.yaml", project / "params.yaml")
     serve_cycle(project, 1)
-    engine = Engine(project)
-    first = engine.analyse(png(film()))
+    models = ServedModels(project)
+    first = models.analyse(png(film()))
     assert first.latest.cycle == 1
     info = json.loads((project / "models" / "latest.json").read_text())
     (project / "models" / "latest.json").write_text(json.dumps({**info, "cycle": 0, "checkpoint": info["baseline"]}))
-    second = engine.analyse(png(film()))
-    assert second.latest.cycle == 0 and engine.latest.cycle == 0
+    second = models.analyse(png(film()))
+    assert second.latest.cycle == 0 and models.latest.cycle == 0
     (project / "models" / "latest.json").write_text(json.dumps({**info, "checkpoint": "models/c9/missing"}))
-    third = engine.analyse(png(film()))   # a broken update keeps the loaded model serving
+    third = models.analyse(png(film()))   # a broken update keeps the loaded model serving
     assert third.latest.cycle == 0

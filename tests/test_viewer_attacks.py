@@ -537,19 +537,19 @@ def test_view_position_is_an_allow_list(tmp_path, view, expected):
 
 
 def test_a_hot_reload_never_mixes_two_models_in_one_analysis(tmp_path):
-    """The swap lands the instant the analysis releases the engine lock: labels and thresholds must come
+    """The swap lands the instant the analysis releases the models' lock: labels and thresholds must come
     from the model that produced the probabilities."""
     import shutil
 
-    from pipeline.viewer.engine import Engine
+    from pipeline.viewer.inference import ServedModels
 
     project = tmp_path / "p"
     shutil.copytree(trained_project() / "models", project / "models")
     shutil.copy(trained_project() / "params.yaml", project / "params.yaml")
     serve_cycle(project, 1)
-    engine = Engine(project)
-    engine.load()
-    first, other = engine.latest, engine.baseline
+    models = ServedModels(project)
+    models.load()
+    first, other = models.latest, models.baseline
     assert first is not other and first.meta["thresholds"] != other.meta["thresholds"]
 
     class SwapOnRelease:
@@ -561,11 +561,11 @@ def test_a_hot_reload_never_mixes_two_models_in_one_analysis(tmp_path):
 
         def __exit__(self, *exc):
             out = self.lock.__exit__(*exc)
-            engine.latest, engine.baseline = other, first   # a new latest.json, loaded by another request
+            models.latest, models.baseline = other, first   # a new latest.json, loaded by another request
             return out
 
-    engine._lock = SwapOnRelease(engine._lock)
-    a = engine.analyse(png(film(128)))
+    models._lock = SwapOnRelease(models._lock)
+    a = models.analyse(png(film(128)))
     assert a.latest.cycle == first.cycle
     assert a.thresholds == [float(t) for t in first.meta["thresholds"]]
     assert a.labels == list(first.meta["labels"])
@@ -576,7 +576,7 @@ def test_anonymous_health_names_no_path_and_does_not_reload_a_broken_model(tmp_p
 
     from fastapi.testclient import TestClient
 
-    import pipeline.viewer.engine as engine_module
+    import pipeline.viewer.inference as inference_module
     from pipeline.viewer.app import create_app
     from pipeline.viewer.auth import Users
 
@@ -587,8 +587,8 @@ def test_anonymous_health_names_no_path_and_does_not_reload_a_broken_model(tmp_p
     weights = weights if weights.is_file() else weights / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:-100])   # truncated
     calls = []
-    real = engine_module.load_model
-    monkeypatch.setattr(engine_module, "load_model", lambda *a, **k: calls.append(a) or real(*a, **k))
+    real = inference_module.load_model
+    monkeypatch.setattr(inference_module, "load_model", lambda *a, **k: calls.append(a) or real(*a, **k))
     app = create_app(root, Users(plain={"u": "p"}))
     with TestClient(app) as client:
         bodies = [client.get("/api/v1/health") for _ in range(5)]

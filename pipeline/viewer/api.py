@@ -22,7 +22,7 @@ from starlette.concurrency import run_in_threadpool
 
 from pipeline.viewer.auth import LoginThrottle, TooManyFailures, Users, log_in
 from pipeline.viewer.card import NOTICE
-from pipeline.viewer.engine import SHORTCUT_SHARE, Analysis, Engine, ImageError, NoModel, anatomy_of_label
+from pipeline.viewer.inference import SHORTCUT_SHARE, Analysis, ServedModels, ImageError, NoModel, anatomy_of_label
 from pipeline.viewer.limits import Busy, InFlight
 from pipeline.viewer.render import b64png, heatmap_gray
 
@@ -106,7 +106,7 @@ async def read_upload(request: Request, max_bytes: int, field: str = "file") -> 
     return data
 
 
-def analysis_json(a: Analysis, engine: Engine, heatmaps: bool = True) -> dict:
+def analysis_json(a: Analysis, models: ServedModels, heatmaps: bool = True) -> dict:
     """The predict response: labels sorted by probability, each with threshold, heatmap and anatomy share."""
     preds = []
     for k in a.order():
@@ -127,7 +127,7 @@ def analysis_json(a: Analysis, engine: Engine, heatmaps: bool = True) -> dict:
                 item["baseline"]["heatmap_png"] = b64png(heatmap_gray(a.baseline.cams[k]))
         preds.append(item)
     return {
-        "model": model_summary(engine),
+        "model": model_summary(models),
         "image": a.source,
         "image_png": b64png(a.image),
         "anatomy_mask_png": None if a.mask is None else b64png(a.mask),
@@ -139,16 +139,16 @@ def analysis_json(a: Analysis, engine: Engine, heatmaps: bool = True) -> dict:
     }
 
 
-def model_summary(engine: Engine) -> dict:
-    served = engine.latest
+def model_summary(models: ServedModels) -> dict:
+    served = models.latest
     return {"cycle": served.cycle, "arch": served.meta.get("arch"), "labels": served.meta.get("labels"),
             "image_size": served.meta.get("image_size"), "source": served.meta.get("source"),
             "data_hash": served.meta.get("data_hash"), "checkpoint_sha256": served.sha256,
-            "cam_method": engine.cam_method,
-            "baseline_cycle": engine.baseline.cycle if engine.baseline is not None else None}
+            "cam_method": models.cam_method,
+            "baseline_cycle": models.baseline.cycle if models.baseline is not None else None}
 
 
-def router(engine: Engine, users: Users, max_bytes: int, card_fn, throttle: LoginThrottle | None = None,
+def router(models: ServedModels, users: Users, max_bytes: int, card_fn, throttle: LoginThrottle | None = None,
            max_inflight: int = 4) -> APIRouter:
     r = APIRouter(prefix="/api/v1")
     throttle = throttle or LoginThrottle.from_env()
@@ -168,22 +168,22 @@ def router(engine: Engine, users: Users, max_bytes: int, card_fn, throttle: Logi
 
     def loaded() -> None:
         try:
-            engine.load()
+            models.load()
         except NoModel as err:
             raise ApiError(503, str(err)) from None
 
     @r.get("/health")
     def health() -> dict:
         try:
-            engine.load()
+            models.load()
         except NoModel as err:
             return {"status": "no_model", "model_loaded": False, "message": str(err)}
-        return {"status": "ok", "model_loaded": True, "cycle": engine.latest.cycle}
+        return {"status": "ok", "model_loaded": True, "cycle": models.latest.cycle}
 
     @r.get("/model")
     def model(user: str = Depends(require_user)) -> dict:
         loaded()
-        return {**model_summary(engine), "card": card_fn()}
+        return {**model_summary(models), "card": card_fn()}
 
     @r.post("/predict")
     async def predict(request: Request, baseline: bool = True, heatmaps: bool = True,
@@ -193,12 +193,12 @@ def router(engine: Engine, users: Users, max_bytes: int, card_fn, throttle: Logi
             with inflight.slot():
                 data = await read_upload(request, max_bytes)
                 try:
-                    result = await run_in_threadpool(engine.analyse, data, baseline)
+                    result = await run_in_threadpool(models.analyse, data, baseline)
                 except ImageError as err:
                     raise ApiError(422, str(err)) from None
                 finally:
                     del data
-                body = await run_in_threadpool(analysis_json, result, engine, heatmaps)
+                body = await run_in_threadpool(analysis_json, result, models, heatmaps)
         except Busy as err:
             raise ApiError(429, str(err), {"Retry-After": str(err.retry_after)}) from None
         log.info("predict: %s image analysed in %.0f ms", result.source["format"], result.timings_ms["total"])

@@ -57,7 +57,7 @@ def create_app(root: str | os.PathLike = ".", users=None, *, max_upload_mb: floa
     from pipeline.viewer.api import install_error_handlers, router
     from pipeline.viewer.auth import LoginThrottle, TooManyFailures, Users, log_in
     from pipeline.viewer.card import model_card
-    from pipeline.viewer.engine import Engine, NoModel
+    from pipeline.viewer.inference import ServedModels, NoModel
     from pipeline.viewer.gate import Gate, client_address
     from pipeline.viewer.limits import Limits
     from pipeline.viewer.ui import CSS, build_ui
@@ -71,16 +71,16 @@ def create_app(root: str | os.PathLike = ".", users=None, *, max_upload_mb: floa
     limits = limits or Limits.from_env(max_upload_mb=max_upload_mb, queue_size=queue_size)
     max_bytes = limits.max_upload_bytes
     throttle = LoginThrottle.from_env()
-    engine = Engine(root, max_pixels=limits.max_pixels)
+    models = ServedModels(root, max_pixels=limits.max_pixels)
     try:
-        engine.load()   # once, at start; a model trained later is picked up on the next request
+        models.load()   # once, at start; a model trained later is picked up on the next request
     except NoModel as err:
         log.warning("%s", err)
 
     def card() -> dict:
-        engine.load()
-        return model_card(root, engine.latest_info, engine.latest.meta, engine.latest.sha256,
-                          engine.baseline.meta if engine.baseline else None)
+        models.load()
+        return model_card(root, models.latest_info, models.latest.meta, models.latest.sha256,
+                          models.baseline.meta if models.baseline else None)
 
     app = FastAPI(title="CXR refine viewer", docs_url=None, redoc_url=None, openapi_url=None)
     install_error_handlers(app)
@@ -94,7 +94,7 @@ def create_app(root: str | os.PathLike = ".", users=None, *, max_upload_mb: floa
         log.error("internal error: %s", type(exc).__name__)
         return JSONResponse({"error": "internal error"}, status_code=500)
 
-    app.include_router(router(engine, users, max_bytes, card, throttle, limits.max_inflight))
+    app.include_router(router(models, users, max_bytes, card, throttle, limits.max_inflight))
 
     async def gradio_login(name: str, password: str) -> bool:
         """The Gradio login form's check, the REST API's (429 while locked out); Gradio awaits it on the
@@ -107,7 +107,7 @@ def create_app(root: str | os.PathLike = ".", users=None, *, max_upload_mb: floa
             raise HTTPException(429, detail=str(err), headers={"Retry-After": str(err.retry_after)}) from None
 
     ttl = limits.upload_ttl_s
-    demo = build_ui(engine, card, max_bytes=max_bytes, delete_cache=(max(1, int(min(60.0, ttl / 2))), max(1, int(ttl))))
+    demo = build_ui(models, card, max_bytes=max_bytes, delete_cache=(max(1, int(min(60.0, ttl / 2))), max(1, int(ttl))))
     demo.queue(default_concurrency_limit=1, max_size=limits.queue_size)
     app = gr.mount_gradio_app(
         app, demo, path="/", auth=gradio_login, auth_message=AUTH_MESSAGE,
@@ -121,7 +121,7 @@ def create_app(root: str | os.PathLike = ".", users=None, *, max_upload_mb: floa
     demo.has_launched = True
     gradio_app = next(r.app for r in app.routes if isinstance(r, Mount) and hasattr(r.app, "tokens"))
     app.add_middleware(Gate, gradio_app=gradio_app, auth_message=AUTH_MESSAGE, limits=limits)
-    app.state.engine, app.state.temp_dir, app.state.throttle, app.state.limits = engine, temp_dir, throttle, limits
+    app.state.models, app.state.temp_dir, app.state.throttle, app.state.limits = models, temp_dir, throttle, limits
     return app
 
 

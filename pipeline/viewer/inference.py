@@ -1,6 +1,6 @@
 """The viewer's inference: the served model, cycle 0 and the anatomy U-Net, loaded once per process.
 
-`Engine.analyse(file bytes)` decodes with the project's safe decoder, prepares the image exactly as
+`ServedModels.analyse(file bytes)` decodes with the project's safe decoder, prepares the image exactly as
 training saw it (`fit_square` at the checkpoint's image size, the checkpoint's normalisation), and
 returns every label's probability and heatmap from one pass per model (`AllLabelCAM`), the
 predicted anatomy, and the share of each heatmap's energy inside its label's anatomy (the same
@@ -97,7 +97,7 @@ def anatomy_of_label(label: str) -> str:
     return LABEL_ANATOMY.get(label, "both")
 
 
-class Engine:
+class ServedModels:
     """Loads lazily (so the viewer starts, and says how to train, before any model exists)."""
 
     def __init__(self, root: str | os.PathLike = ".", *, max_pixels: int | None = None,

@@ -5,7 +5,7 @@ Every limit has a default a clinic can run with as it is; each is an environment
 | variable | default | bounds |
 |---|---|---|
 | CXR_MAX_UPLOAD_MB | 20 | one uploaded file (REST and Gradio), and any signed-in request body |
-| CXR_MAX_PIXELS | 20,000,000 | decoded image size (the engine's; a third of training's) |
+| CXR_MAX_PIXELS | 20,000,000 | decoded image size (pipeline/viewer/inference.py's; a third of training's) |
 | CXR_MAX_FILES_PER_UPLOAD | 1 | file parts in one Gradio upload request |
 | CXR_ANON_BODY_BYTES | 4096 | the body of any request without a session (the login form) |
 | CXR_MAX_INFLIGHT | 4 | REST predicts holding an upload at once; more get 429 + Retry-After |

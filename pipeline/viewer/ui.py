@@ -18,7 +18,7 @@ from pathlib import Path
 import gradio as gr
 
 from pipeline.viewer.card import NOTICE, card_markdown
-from pipeline.viewer.engine import SHORTCUT_SHARE, Analysis, Engine, ImageError, NoModel, anatomy_of_label
+from pipeline.viewer.inference import SHORTCUT_SHARE, Analysis, ServedModels, ImageError, NoModel, anatomy_of_label
 from pipeline.viewer.examples import examples
 from pipeline.viewer.render import anatomy_overlay, data_uri, overlay
 
@@ -135,21 +135,21 @@ def heatmaps_html(a: Analysis, label: str | None) -> str:
 UNREADABLE = "**Cannot read the uploaded file.**"
 
 
-def build_ui(engine: Engine, card_fn, title: str = "CXR refine — viewer", *, max_bytes: int = 20 << 20,
+def build_ui(models: ServedModels, card_fn, title: str = "CXR refine — viewer", *, max_bytes: int = 20 << 20,
              delete_cache: tuple[int, int] | None = None) -> gr.Blocks:
     example_list = examples()
     example_titles = {e.title: e for e in example_list}
 
     def status_and_card():
         try:
-            engine.load()
+            models.load()
         except NoModel as err:
             return f"**{esc(str(err))}**", "", gr.update(choices=[], value=None)
         return "", card_markdown(card_fn()), gr.update()
 
     def run(data: bytes, truth: dict | None = None):
         try:
-            a = engine.analyse(data)
+            a = models.analyse(data)
         except NoModel as err:
             return None, "", gr.update(choices=[], value=None), "", f"**{esc(str(err))}**"
         except ImageError as err:
