@@ -43,14 +43,16 @@ repro: $(STAMP)  ## the same artefacts with DVC alone
 	@$(BIN)/python -m pipeline.report
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -m "not slow" -n 2 --dist loadgroup
+	$(BIN)/python -m pytest -q -m "not slow and not network" -n 2 --dist loadgroup
 
 test-all: $(STAMP)
 	$(BIN)/python -m pytest -q
 
 # the reliability suite of issue 7, long (`slow`) variants included; modules not written yet are left out
-RELIABILITY_TESTS := tests/test_crash_consistency.py tests/test_kill_resume.py tests/test_determinism.py tests/test_fuzz.py tests/test_phi.py \
-	tests/test_security.py tests/test_viewer_api.py tests/test_sanity.py tests/test_pipeline_attacks.py tests/test_viewer_attacks.py
+RELIABILITY_TESTS := tests/test_crash_consistency.py tests/test_kill_resume.py tests/test_determinism.py \
+	tests/test_fuzz_decoder.py tests/test_fuzz_http.py tests/test_fuzz_bombs.py tests/test_fuzz_regressions.py tests/test_phi.py \
+	tests/test_security_checkpoints.py tests/test_security_lint.py tests/test_security_auth.py tests/test_advisories.py \
+	tests/test_viewer_api.py tests/test_sanity.py tests/test_pipeline_attacks.py tests/test_viewer_attacks.py
 
 reliability: $(STAMP)  ## the reliability suite -> reports/reliability.json (saliency figures from the last `make run`)
 	@log=$$(mktemp -t cxr-reliability.XXXXXX); junit=$$(mktemp -t cxr-junit.XXXXXX); \

@@ -95,6 +95,19 @@ def prefect_harness(tmp_path_factory):
         yield
 
 
+@pytest.fixture(scope="module")
+def hypothesis_home(tmp_path_factory):
+    """For the modules that run hypothesis (tests/test_fuzz_*.py): no example database is kept
+    (database=None in tests/fuzz_support._settings), but hypothesis also caches the constants it
+    finds in local modules under its home directory, by default ./.hypothesis: keep that out of the
+    repository."""
+    from hypothesis.configuration import set_hypothesis_home_dir
+
+    set_hypothesis_home_dir(tmp_path_factory.mktemp("hypothesis-home"))
+    yield
+    set_hypothesis_home_dir(None)
+
+
 @pytest.fixture
 def params_file(tmp_path) -> Path:
     path = tmp_path / "params.yaml"

@@ -53,11 +53,11 @@ def _sanity(path, perm_rho: float = 0.03, casc_rho: float = -0.01) -> None:
 
 ALL_PASSING = [
     ("tests/test_crash_consistency.py::test_sigkill_flow_shard_writer_and_training", "passed", None),
-    ("tests/test_fuzz.py::test_decoder_fuzz_short", "passed", None),
+    ("tests/test_fuzz_decoder.py::test_decoder_fuzz_short", "passed", None),
     ("tests/test_determinism.py::test_same_seed_twice_and_clean_checkout_repro_change_no_output", "passed", None),
     ("tests/test_phi.py::test_dicom_uploads_leave_no_phi", "passed", None),
-    ("tests/test_security.py::test_tampered_classifier_checkpoints_are_refused_by_name", "passed", None),
-    ("tests/test_security.py::test_every_registered_route_refuses_an_anonymous_request", "passed", None),
+    ("tests/test_security_checkpoints.py::test_tampered_classifier_checkpoints_are_refused_by_name", "passed", None),
+    ("tests/test_security_auth.py::test_every_registered_route_refuses_an_anonymous_request", "passed", None),
     ("tests/test_sanity.py::test_permuted_label_twin_gives_low_correlation", "passed", None),
     ("tests/test_viewer_api.py::test_model_card", "passed", None),
     ("tests/test_viewer_api.py::test_prediction_schema", "passed", None),
@@ -108,12 +108,13 @@ def test_everything_passing(evidence):
 def test_a_failed_test_fails_its_area_and_the_report(evidence):
     log, junit, sanity = evidence
     cases = [c if "test_fuzz" not in c[0] else (c[0], "failed", "AssertionError: 3 crashes") for c in ALL_PASSING]
-    _junit(junit, cases + [("tests/test_fuzz.py::test_http_fuzz_long", "skipped", "needs a trained project")])
+    _junit(junit, cases + [("tests/test_fuzz_http.py::test_http_fuzz_long", "skipped", "needs a trained project")])
     r = build_report(log, junit, sanity)
     fuzz = r["areas"]["fuzzing"]
     assert fuzz["passed"] is False and "test_decoder_fuzz_short" in fuzz["reason"] and "3 crashes" in fuzz["reason"]
     assert fuzz["failed"][0]["message"] == "AssertionError: 3 crashes"
-    assert fuzz["skipped"] == [{"test": "tests/test_fuzz.py::test_http_fuzz_long", "reason": "needs a trained project"}]
+    assert fuzz["skipped"] == [{"test": "tests/test_fuzz_http.py::test_http_fuzz_long",
+                                "reason": "needs a trained project"}]
     assert fuzz["tests"]["failed"] == 1 and fuzz["tests"]["skipped"] == 1
     assert r["passed"] is False and "fuzzing" in r["reason"]
     assert r["areas"]["determinism"]["passed"] is True
