@@ -1,4 +1,6 @@
 # The two commands a new user needs: `make run` and `make test`. Each creates .venv on first use.
+# Without make: `cxr-refine run|repro|compare|real|viewer|bench|presets|fresh-draw|users` does what the
+# targets do (on PATH after the install below, or `pip install .`; `cxr-refine --help`).
 SHELL := /bin/bash
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
@@ -15,12 +17,14 @@ export PYTHONUNBUFFERED := 1
 
 .PHONY: run test test-all viewer bench bench-gpu repro compare real clean reliability
 
-$(STAMP): pyproject.toml
+# pyproject.toml holds the ranges, constraints.txt the exact versions tested together
+$(STAMP): pyproject.toml constraints.txt
+	@test -x $(BIN)/python || $(PYTHON) -c 'import pipeline'  # a Python outside requires-python stops here, in one line
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	# torch first, alone: pip takes the local wheel where one is provided
-	$(BIN)/python -m pip install -q torch==2.14.1 torchvision==0.29.1
-	$(BIN)/python -m pip install -q -e '.[dev]'
+	$(BIN)/python -m pip install -q -c constraints.txt torch torchvision
+	$(BIN)/python -m pip install -q -c constraints.txt -e '.[dev]'
 	touch $(STAMP)
 
 run: $(STAMP)  ## the whole refinement cycle on the defaults (phantom), via the Prefect flow
