@@ -52,7 +52,7 @@ test: $(STAMP)
 test-all: $(STAMP)
 	$(BIN)/python -m pytest -q
 
-# the reliability suite of issue 7, long (`slow`) variants included; modules not written yet are left out
+# the reliability suite (README "Reliability"), long (`slow`) variants included; modules not written yet are left out
 RELIABILITY_TESTS := tests/test_crash_consistency.py tests/test_kill_resume.py tests/test_determinism.py \
 	tests/test_fuzz_decoder.py tests/test_fuzz_http.py tests/test_fuzz_bombs.py tests/test_fuzz_regressions.py tests/test_phi.py \
 	tests/test_security_checkpoints.py tests/test_security_lint.py tests/test_security_auth.py tests/test_advisories.py \

@@ -1,6 +1,6 @@
 """Enhancement policies: build the next cycle's training images from the raw ones.
 
-`counterfactual` (default) follows DESIGN.md "Enhancement: what makes it work":
+`counterfactual` (default) follows the rules of docs/enhancement.md:
   1. the same transform for every image, whatever its label;
   2. shortcut content is decorrelated, not hidden: each image keeps its own anatomy (lungs ∪ heart,
      dilated by a margin) and the rest is replaced by the same region of a random other training
@@ -20,7 +20,8 @@ Masks are read through anatomy_checks.open_masks: a film whose predicted mask fa
 checks is enhanced with the population prior anatomy in its place (same rule for every film).
 `overlay` is the literal published recipe (positives × CAM×anatomy, negatives × anatomy, rest dimmed)
 and `suppress` zeroes everything outside the anatomy; both are kept for comparison only: they
-transform the classes differently or hide the shortcut, which DESIGN.md measured to make things worse.
+transform the classes differently or hide the shortcut, which the trial in docs/enhancement.md measured
+to make things worse.
 
 `compute` (device, precision) does not apply here, deliberately: the only torch is the bilinear
 upsampling of stored float16 CAMs (`maps.upsample`), in fp32 on the CPU, between numpy steps. On a
@@ -241,7 +242,7 @@ class _Subset:
 def class_separability(images: np.ndarray, region: np.ndarray, y: np.ndarray) -> dict:
     """How well simple statistics alone separate the classes: AUROC (folded to >= 0.5) per statistic.
 
-    Rule 1 of DESIGN.md: enhancement must not make any of these better than on the raw images.
+    Rule 1 of docs/enhancement.md: enhancement must not make any of these better than on the raw images.
     """
     from sklearn.metrics import roc_auc_score
 

@@ -1,5 +1,5 @@
-"""Fold the reliability suite's evidence into `reports/reliability.json` (issue 7's seven areas, and
-issue 14's attacks on the viewer and the pipeline as an eighth).
+"""Fold the reliability suite's evidence into `reports/reliability.json` (the eight areas of
+README "Reliability": seven, and the attacks on the viewer and the pipeline).
 
     python -m tests.reliability_report --log LOG --junit JUNIT --sanity reports/sanity.json \
         [--summary reports/summary.json] --out reports/reliability.json
@@ -43,7 +43,7 @@ from pipeline.io import write_json
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# the issue's seven areas, in its order, with the figure each must reach
+# the areas of README "Reliability", in its order, with the figure each must reach
 AREAS = {
     "crash_consistency": "SIGKILL of training, each DVC stage and the Prefect flow at random points, 20 times: "
                          "the last checkpoint loads, no partial shard is visible, dvc repro completes with the "
@@ -60,7 +60,7 @@ AREAS = {
                        "rate-limited; pip-audit finds no known advisory in the viewer stack",
     "saliency_sanity": "cascading model-parameter randomisation and label permutation drop the heatmap rank "
                        "correlation below 0.2 for the default model; a failing check is flagged",
-    "attacks": "issue 14, at the viewer's default limits: an upload event reads only the viewer's own uploads and "
+    "attacks": "at the viewer's default limits: an upload event reads only the viewer's own uploads and "
                "cannot stall it; anonymous bodies capped (RSS < +50 MB over 20); no upload outlives SIGTERM or a "
                "restart after SIGKILL; header/body deadlines and a connection cap; REST analyses in flight capped "
                "(429); proxy headers only from trusted proxies; no timing oracle; resume, cycle-id, dataset-path "

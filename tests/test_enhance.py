@@ -1,4 +1,4 @@
-"""Enhancement obeys DESIGN.md's rules on real phantom images with their real shortcut markers."""
+"""Enhancement obeys the rules of docs/enhancement.md on real phantom images with their real shortcut markers."""
 import cv2
 import numpy as np
 import pytest

@@ -1,4 +1,4 @@
-"""No PHI (issue 7): patient identifiers in DICOM headers never reach logs, reports, manifests,
+"""No PHI (README "Reliability"): patient identifiers in DICOM headers never reach logs, reports, manifests,
 stores, responses or the viewer's temp dir.
 
 Two paths carry DICOMs: uploads to the viewer (`POST /api/v1/predict`, 100 files here, each with its

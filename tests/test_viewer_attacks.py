@@ -1,4 +1,5 @@
-"""The viewer attacked as a hostile user would, at the limits users run with (issue 14).
+"""The viewer attacked as a hostile user would, at the limits users run with (README "Reliability",
+area "attacks").
 
 One viewer runs at the default limits (20 MB uploads, 20 Mpixel, 4 kB anonymous bodies, 10 s header
 deadline, 100 connections, 4 REST analyses in flight) over the tiny trained project; a second, with
