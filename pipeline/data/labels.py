@@ -45,14 +45,8 @@ LABEL_ANATOMY: dict[str, str] = {
 }
 
 
-def label_column(label: str) -> str:
-    """Manifest column name for a label (the canonical name itself; kept as one function)."""
-    if label not in CANONICAL_LABELS:
-        raise ValueError(f"unknown label {label!r}; canonical labels: {', '.join(CANONICAL_LABELS)}")
-    return label
-
-
 def anatomy_of(label: str) -> str:
     """'lungs', 'heart' or 'both' for a canonical label."""
-    label_column(label)
+    if label not in CANONICAL_LABELS:
+        raise ValueError(f"unknown label {label!r}; canonical labels: {', '.join(CANONICAL_LABELS)}")
     return LABEL_ANATOMY[label]

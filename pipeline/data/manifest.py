@@ -42,10 +42,6 @@ def patient_split(patient_ids, fractions: dict[str, float], seed: int) -> dict[s
     return out
 
 
-def empty_label_columns(n: int) -> dict[str, np.ndarray]:
-    return {label: np.full(n, np.nan, dtype=np.float32) for label in CANONICAL_LABELS}
-
-
 def validate_manifest(df: pd.DataFrame) -> pd.DataFrame:
     """Raise ManifestError if the frame breaks the contract; return it unchanged otherwise."""
     missing = [c for c in (*REQUIRED_COLUMNS, *CANONICAL_LABELS) if c not in df.columns]

@@ -143,11 +143,6 @@ def create_model(name: str, num_classes: int, weights: str | Path | None = None,
     return model.to(memory_format=torch.channels_last)
 
 
-def load_weights(model: nn.Module, path: str | Path, spec: ModelSpec, labels: Sequence[str] | None = None) -> None:
-    """Load a local weights file into `model` (pipeline/models/pretrained.py: every layout it knows)."""
-    load_pretrained(model, path, spec, labels)
-
-
 _loaded = False
 
 

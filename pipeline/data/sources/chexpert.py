@@ -87,12 +87,9 @@ def map_value(raw: str | float | None, label: str, cx: ChexpertParams) -> float:
     raise ValueError(f"chexpert: {label!r} holds {text!r}; expected 1.0, 0.0, -1.0 or blank")
 
 
-def map_labels(row: dict[str, str], cx: ChexpertParams) -> dict[str, float]:
-    """Canonical labels of one CSV row; NaN ones (ignored, or a column the CSV lacks) are left out."""
-    return _map_cells(tuple(row.get(label) for label in LABEL_COLUMNS), cx)
-
-
 def _map_cells(cells: tuple[str | None, ...], cx: ChexpertParams) -> dict[str, float]:
+    """Canonical labels of one CSV row's label cells (in LABEL_COLUMNS order); NaN ones (ignored, or a
+    column the CSV lacks) are left out."""
     out = {}
     for label, cell in zip(LABEL_COLUMNS, cells):
         if cell is not None:
