@@ -29,10 +29,11 @@ import yaml
 from benchmarks.input_pipeline import loader_rate, phantom_store, phantom_targets, train_rates, train_step
 from benchmarks.timing import median_ms
 from pipeline.compute import Compute, available_cores, check_device, check_precision, grad_scaler, set_threads
+from pipeline.config import Paths
 from pipeline.io import read_json, write_json
 
 log = logging.getLogger("benchmarks.gpu")
-OUT = "reports/benchmarks.json"
+OUT = Paths().benchmarks
 NO_CUDA = "no CUDA device: make bench-gpu needs a GPU"
 
 CHEXPERT_FILMS = 224_316          # CheXpert v1.0, every film (frontal and lateral)
@@ -189,16 +190,16 @@ def bench_viewer(s: Sizes, device: torch.device) -> dict:
     from pipeline.data.labels import CANONICAL_LABELS
     from benchmarks.viewer import _film, _http, _in_process, _project
 
-    params = load_params("params.yaml") if Path("params.yaml").is_file() else Params()
+    params = load_params(Paths().params) if Paths().params.is_file() else Params()
     labels = list(CANONICAL_LABELS)[: s.labels] if s.labels > len(phantom.PHANTOM_LABELS) \
         else list(phantom.PHANTOM_LABELS)[: s.labels]
     data = _film(s.film_size)
     with tempfile.TemporaryDirectory(prefix="cxr-bench-gpu-viewer-") as tmp:
         root = Path(tmp)
         _project(root, params, s.arch, s.image_size, labels)
-        doc = yaml.safe_load((root / "params.yaml").read_text()) or {}
+        doc = yaml.safe_load(Paths(root).params.read_text()) or {}
         doc["compute"] = {**(doc.get("compute") or {}), "device": str(device), "precision": "fp32"}
-        (root / "params.yaml").write_text(yaml.safe_dump(doc, sort_keys=False))
+        Paths(root).params.write_text(yaml.safe_dump(doc, sort_keys=False))
         out = {"arch": s.arch, "image_size": s.image_size, "labels": len(labels), "device": str(device),
                "upload": f"{s.film_size}x{s.film_size} PNG", **_in_process(root, data, s.viewer_repeats)}
         if s.http:
@@ -253,7 +254,7 @@ def projection(s: Sizes, train: float, infer: float, cam: float, enhance: dict, 
     from pipeline.config import Params, load_params
 
     try:
-        params = load_params("params.yaml") if Path("params.yaml").is_file() else Params()
+        params = load_params(Paths().params) if Paths().params.is_file() else Params()
     except Exception:  # e.g. a real dataset's root that is not on this machine: the defaults then
         params = Params()
     val_n = round(CHEXPERT_FRONTAL_TRAIN * params.data.split.val)

@@ -19,6 +19,7 @@ from pipeline.cam.library import LibraryCAM, library_sees_layer_output
 from pipeline.cam.maps import resize
 from pipeline.data.dataset import iterate_batches, predict
 from benchmarks.timing import median_ms
+from pipeline.config import Paths
 from pipeline.io import read_json, write_json
 from pipeline.models.registry import create_model
 from benchmarks.input_pipeline import bench_input_pipeline, phantom_store
@@ -26,7 +27,7 @@ from benchmarks.scale import bench_cam_memory, bench_cam_workers, bench_dvc_noop
 from benchmarks.viewer import bench_viewer
 
 log = logging.getLogger("benchmarks")
-OUT = "reports/benchmarks.json"
+OUT = Paths().benchmarks
 
 
 def bench_cam(archs=("resnet50", "densenet121"), labels: int = 14, size: int = 224) -> dict:

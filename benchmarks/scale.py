@@ -1,5 +1,6 @@
-"""Scale figures (issue 6): CAM memory is flat in the dataset size, CAM throughput on 1 vs 2 Dask
-workers (and what that projects to for CheXpert), and DVC's no-op cost on a 10k-image project.
+"""Scale figures (README "Beyond one machine"): CAM memory is flat in the dataset size, CAM
+throughput on 1 vs 2 Dask workers (and what that projects to for CheXpert), and DVC's no-op cost on
+a 10k-image project.
 
 Each measurement that needs a clean process runs in one: peak RSS is the child's own high-water mark.
 """
@@ -22,7 +23,7 @@ import yaml
 
 from benchmarks.timing import median_ms
 from pipeline.cam.store import write_cams
-from pipeline.config import EngineParams
+from pipeline.config import EngineParams, Paths
 from pipeline.data import phantom
 from pipeline.data.store import ArrayStore, ArrayStoreWriter
 from pipeline.engine import in_process, open_engine
@@ -123,8 +124,8 @@ def _project(dest: Path, patients: int) -> Path:
     for name in ("pipeline", "flows"):
         shutil.copytree(ROOT / name, dest / name, ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copy(ROOT / "dvc.yaml", dest / "dvc.yaml")
-    (dest / "data" / "raw").mkdir(parents=True)
-    p = yaml.safe_load((ROOT / "params.yaml").read_text())
+    Paths(dest).raw.mkdir(parents=True)
+    p = yaml.safe_load(Paths(ROOT).params.read_text())
     p["data"].update(image_size=64)
     p["phantom"].update(n_patients=patients)
     p["segment"].update(n_train=64, epochs=1, size=32)
@@ -133,7 +134,7 @@ def _project(dest: Path, patients: int) -> Path:
     if "sanity" in p:
         p["sanity"].update(epochs=1)
     p["cycles"] = {"c1": {"id": 1, "prev": 0}}
-    (dest / "params.yaml").write_text(yaml.safe_dump(p, sort_keys=False))
+    Paths(dest).params.write_text(yaml.safe_dump(p, sort_keys=False))
     env = {**os.environ, "GIT_AUTHOR_NAME": "bench", "GIT_AUTHOR_EMAIL": "b@b", "GIT_COMMITTER_NAME": "bench",
            "GIT_COMMITTER_EMAIL": "b@b", "DVC_NO_ANALYTICS": "1"}
     for cmd in (["git", "init", "-q"], [sys.executable, "-m", "dvc", "init", "-q"],
@@ -153,8 +154,8 @@ def bench_dvc_noop(patients: int = 6_700) -> dict:
         t = time.perf_counter()
         subprocess.run([*dvc, "repro", "-q"], cwd=project, check=True, env=env, capture_output=True)
         full = time.perf_counter() - t
-        images = len(ArrayStore(project / "data" / "prepared" / "images"))
-        files = sum(1 for f in (project / "data").rglob("*") if f.is_file())
+        images = len(ArrayStore(Paths(project).prepared_images))
+        files = sum(1 for f in Paths(project).data.rglob("*") if f.is_file())
         run = lambda *args: subprocess.run([*dvc, *args], cwd=project, check=True, env=env,  # noqa: E731
                                            capture_output=True, text=True)
         status_ms = median_ms(lambda: run("status"), 3)

@@ -26,7 +26,7 @@ from pipeline.data.labels import CANONICAL_LABELS
 from pipeline.data.transforms import NORMALISATION
 from benchmarks.timing import median_ms
 from pipeline.io import write_json
-from pipeline.models.checkpoint import save_model
+from pipeline.models.checkpoint import MODEL_FILE, save_model
 from pipeline.models.registry import create_model
 from pipeline.segmentation import build_unet, save_unet
 
@@ -43,10 +43,11 @@ def _project(root: Path, params: Params, arch: str, size: int, labels: list[str]
             "arch": arch, "labels": labels, "image_size": size, "normalisation": NORMALISATION, "cycle": cycle,
             "thresholds": [0.5] * len(labels), "source": "benchmark (random weights)", "data_hash": "bench"})
     torch.manual_seed(0)
-    save_unet(paths.unet / "unet.safetensors", build_unet(params.segment.encoder), params.segment)
-    write_json(paths.latest, {"cycle": 1, "checkpoint": "models/c1/model.safetensors",
-                              "baseline": "models/c0/model.safetensors", "stop_reason": "benchmark"})
-    (root / "params.yaml").write_text((Path("params.yaml").read_text() if Path("params.yaml").is_file() else "{}"))
+    save_unet(paths.unet_weights, build_unet(params.segment.encoder), params.segment)
+    served = Paths()  # latest.json names checkpoints relative to the project root
+    write_json(paths.latest, {"cycle": 1, "checkpoint": str(served.model(1) / MODEL_FILE),
+                              "baseline": str(served.model(0) / MODEL_FILE), "stop_reason": "benchmark"})
+    paths.params.write_text(served.params.read_text() if served.params.is_file() else "{}")
 
 
 def _film(size: int = 1024) -> bytes:
@@ -163,7 +164,7 @@ def _http(root: Path, data: bytes, single: int, clients: int, per_client: int) -
 
 def bench_viewer(setups: tuple | None = None, repeats: int = 20, clients: int = 8, per_client: int = 4) -> dict:
     logging.getLogger("httpx").setLevel(logging.WARNING)
-    params = load_params("params.yaml") if Path("params.yaml").is_file() else Params()
+    params = load_params(Paths().params) if Paths().params.is_file() else Params()
     labels = list(params.data.labels or phantom.PHANTOM_LABELS)
     # the default run's model, and a clinical-size one (CheXNet: DenseNet121, 14 labels, 224 px)
     setups = setups or ((params.train.arch, params.data.image_size, labels),

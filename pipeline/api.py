@@ -104,11 +104,12 @@ def run_cycle(root: str | os.PathLike = ".", cycle: int | None = None) -> Cycle:
     evaluation (and whatever it depends on; cached stages cost nothing), then load it. The stages'
     output goes to this module's logger, line by line."""
     root = require_project(root)
-    params = load_params(root / "params.yaml")
+    params_file = Paths(root).params
+    params = load_params(params_file)
     stages = {0: "evaluate_baseline", **{item.id: f"evaluate@{key}" for key, item in params.cycles.items()}}
     cycle = params.cycle_ids()[-1] if cycle is None else cycle
     if cycle not in stages:
-        raise ValueError(f"cycle {cycle} is not configured in {root / 'params.yaml'}; cycles: {sorted(stages)}")
+        raise ValueError(f"cycle {cycle} is not configured in {params_file}; cycles: {sorted(stages)}")
     cmd = [sys.executable, "-m", "dvc", "repro", stages[cycle]]
     log.info("$ %s", " ".join(cmd[1:]))
     # the stages set their own threads (compute.threads): a notebook's OMP_NUM_THREADS must not leak in

@@ -29,7 +29,7 @@ import numpy as np
 import pandas as pd
 
 from pipeline.anatomy_checks import carry_checks
-from pipeline.config import AuditParams
+from pipeline.config import AuditParams, Paths
 from pipeline.data.phantom import letter_glyph
 from pipeline.data.sources.phantom import marker_agrees
 from pipeline.data.store import ArrayStore, ArrayStoreWriter
@@ -88,16 +88,16 @@ def audited_manifest(manifest: pd.DataFrame, p: AuditParams) -> tuple[pd.DataFra
 
 
 def plant_markers(p: AuditParams, manifest: pd.DataFrame, source_rows: np.ndarray, images: ArrayStore,
-                  masks: ArrayStore, out: Path, shard_size: int) -> tuple[pd.DataFrame, dict]:
-    """Write `out/images` and `out/masks` for the audited manifest; (one marker row per film, summary)."""
+                  masks: ArrayStore, out: Paths, shard_size: int) -> tuple[pd.DataFrame, dict]:
+    """Write `out.images` and `out.masks` for the audited manifest; (one marker row per film, summary)."""
     side = images.item_shape[-1]
     g = glyph(side, p)
     margin = max(1, round(side / 64))
     label = manifest[p.label].to_numpy(dtype=np.float64)
     ids, splits = manifest["image_id"].astype(str).tolist(), manifest["split"].tolist()
     rows = []
-    with ArrayStoreWriter(out / "images", images.item_shape, images.dtype, shard_size, attrs=images.attrs) as iw, \
-            ArrayStoreWriter(out / "masks", masks.item_shape, masks.dtype, shard_size, attrs=masks.attrs) as mw:
+    with ArrayStoreWriter(out.images, images.item_shape, images.dtype, shard_size, attrs=images.attrs) as iw, \
+            ArrayStoreWriter(out.masks, masks.item_shape, masks.dtype, shard_size, attrs=masks.attrs) as mw:
         for start in range(0, len(source_rows), shard_size):
             src = source_rows[start:start + shard_size]
             batch, anatomy = images.read(src).copy(), masks.read(src)
@@ -128,17 +128,18 @@ def summarise(markers: pd.DataFrame, label: np.ndarray, p: AuditParams, shape: t
             "not_clear": int((~markers["clear"]).sum()), "splits": per_split}
 
 
-def write_audit(p: AuditParams, manifest: pd.DataFrame, images: ArrayStore, masks: ArrayStore, out: Path,
+def write_audit(p: AuditParams, manifest: pd.DataFrame, images: ArrayStore, masks: ArrayStore, paths: Paths,
                 shard_size: int) -> dict:
-    """The audited data set under `out` (images, masks, manifest, markers, audit.json); the manifest
-    is written last, after every store is complete."""
+    """The audited data set under `paths.audit` (images, masks, manifest, markers, audit.json); the
+    manifest is written last, after every store is complete."""
+    out = Paths(paths.root, audit=True)
     audited, source_rows = audited_manifest(manifest, p)
-    (out / "manifest.parquet").unlink(missing_ok=True)  # a half-rewritten set must not look complete
+    out.manifest.unlink(missing_ok=True)  # a half-rewritten set must not look complete
     markers, summary = plant_markers(p, audited, source_rows, images, masks, out, shard_size)
-    carry_checks(masks.root, out / "masks", source_rows)  # the masks' plausibility follows the films
-    write_parquet(out / "markers.parquet", markers)
-    write_json(out / "audit.json", summary)
-    write_parquet(out / "manifest.parquet", audited)
+    carry_checks(masks.root, out.masks, source_rows)  # the masks' plausibility follows the films
+    write_parquet(out.audit_markers, markers)
+    write_json(out.audit_summary, summary)
+    write_parquet(out.manifest, audited)
     log.info("audit: marker on %s drawn in %s; %d films without a clear corner", p.label,
              {s: f"{v['marked']}/{v['films']} (agreement {v['agreement']})" for s, v in summary["splits"].items()},
              summary["not_clear"])

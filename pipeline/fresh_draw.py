@@ -62,7 +62,7 @@ def score(model: torch.nn.Module, meta: dict, records: list, batch: int = 256) -
 
 def fresh_draw(root=".", patients: int = 4000, seed: int = 1) -> dict:
     paths = Paths(root)
-    params = load_params(paths.root / "params.yaml")
+    params = load_params(paths.params)
     population = draw(params, patients, seed)
     cycles = [c["cycle"] for c in read_json(paths.summary)["cycles"]]
     result = {"patients": patients, "seed": seed, "images": {s: len(v) for s, v in population.items()},
@@ -75,7 +75,7 @@ def fresh_draw(root=".", patients: int = 4000, seed: int = 1) -> dict:
         log.info("cycle %d: accuracy test %.3f, test_shifted %.3f (gap %.3f) on %d + %d fresh images", k,
                  scores["test"]["accuracy"], scores["test_shifted"]["accuracy"], gap,
                  scores["test"]["n"], scores["test_shifted"]["n"])
-    write_json(paths.root / "reports" / "fresh_draw.json", result)
+    write_json(paths.fresh_draw, result)
     return result
 
 

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import yaml
 
-from pipeline.config import ConfigError, Params
+from pipeline.config import ConfigError, Params, Paths
 from pipeline.config.params import _format_error
 from pipeline.io import atomic_path
 
@@ -144,7 +144,7 @@ def preset_overrides(name: str, root: str | Path = ".", data_root: str | None = 
 def resolve(name: str, root: str | Path = ".", params: str | Path | None = None,
             data_root: str | None = None) -> tuple[dict, dict, Params]:
     """(base params, overrides, validated merged Params) for a preset."""
-    params_path = Path(params) if params is not None else Path(root) / "params.yaml"
+    params_path = Path(params) if params is not None else Paths(root).params
     if not params_path.is_file():
         raise ConfigError(f"params file {str(params_path)!r} not found")
     base = yaml.safe_load(params_path.read_text()) or {}
@@ -192,7 +192,7 @@ def main(argv: list[str] | None = None) -> None:
     except ConfigError as err:
         sys.exit(f"error: {err}")
     if args.apply:
-        path = Path(args.params) if args.params else Path(args.root) / "params.yaml"
+        path = Path(args.params) if args.params else Paths(args.root).params
         apply(path, overrides)
         log.info("%s: preset %s applied (arch %s, source %s)", path, args.name, merged.train.arch,
                  merged.data.source)

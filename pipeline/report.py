@@ -178,10 +178,10 @@ def build_report(params: Params, paths: Paths, stop_reason: str | None = None,
         stop_reason = decision.reason or f"completed all {len(cycles) - 1} refinement cycles"
     result = summary(params, cycles, stop_reason, read_audit_summary(paths.audit_summary))
     labels = result["labels"]
-    fig_dir = paths.root / "reports" / "figures"
+    fig_dir = paths.figures
 
     manifest = pd.read_parquet(paths.manifest)
-    grids = {c["cycle"]: np.load(paths.cycle_report(c["cycle"]) / "grid.npz") for c in cycles}
+    grids = {c["cycle"]: np.load(paths.cycle_grid(c["cycle"])) for c in cycles}
     first, last = cycles[0]["cycle"], cycles[-1]["cycle"]
     image_ids = [str(i) for i in grids[first]["image_ids"]]
     pictures: list[tuple[str, str]] = []
@@ -198,7 +198,7 @@ def build_report(params: Params, paths: Paths, stop_reason: str | None = None,
         pictures.insert(0, ("Before / after: cycle 0 vs the latest cycle", "before_after.png"))
     figures.save_trends(fig_dir / "trends.png", cycles, list(TABLE_KEYS))
     pictures.insert(0, ("Scores across cycles (unmodified test images)", "trends.png"))
-    rocs = {c["cycle"]: read_json(paths.cycle_report(c["cycle"]) / "roc.json") for c in cycles}
+    rocs = {c["cycle"]: read_json(paths.cycle_roc(c["cycle"])) for c in cycles}
     for split in ("test", "test_shifted"):
         if split in rocs[first]:
             figures.save_roc(fig_dir / f"roc_{split}.png", rocs, split)
@@ -207,15 +207,15 @@ def build_report(params: Params, paths: Paths, stop_reason: str | None = None,
         figures.save_confusions(fig_dir / f"confusion_c{c}.png", cycles[c - first]["per_label"], labels, c)
         pictures.append((f"Cycle {c}: confusion matrices at the val-chosen thresholds", f"confusion_c{c}.png"))
     histories = {c["cycle"]: pd.read_csv(p) for c in cycles
-                 if (p := paths.root / "reports" / "train" / f"c{c['cycle']}" / "history.csv").is_file()}
+                 if (p := paths.train_history(c["cycle"])).is_file()}
     if histories:
         figures.save_loss_curves(fig_dir / "loss_curves.png", histories)
         pictures.append(("Loss curves (train and unmodified val)", "loss_curves.png"))
 
-    seg = paths.segment_report / "metrics.json"
+    seg = paths.segment_metrics
     seg_scores = read_json(seg) if seg.is_file() else None
     enhance_stats = {c["cycle"]: read_json(p) for c in cycles[1:]
-                     if (p := paths.root / "reports" / "enhance" / f"c{c['cycle']}" / "stats.json").is_file()}
+                     if (p := paths.enhance_stats(c["cycle"])).is_file()}
     result["segmentation"] = seg_scores
     result["quarantined"] = len(pd.read_csv(paths.quarantine)) if paths.quarantine.is_file() else 0
     result["sanity"] = read_json(paths.sanity) if paths.sanity.is_file() else None
@@ -224,13 +224,13 @@ def build_report(params: Params, paths: Paths, stop_reason: str | None = None,
                     result["sanity"].get("served_cycle"), decision.serve_cycle)
     write_json(paths.summary, result)
     trends = pd.DataFrame([headline(c) for c in cycles])[["cycle", *TABLE_KEYS, "auroc_shifted"]]
-    write_text(paths.root / "reports" / "trends.csv", trends.to_csv(index=False))
+    write_text(paths.trends, trends.to_csv(index=False))
     serve = cycles[[c["cycle"] for c in cycles].index(decision.serve_cycle)]
     write_json(paths.latest, {"cycle": serve["cycle"], "checkpoint": serve["model"]["path"],
                               "sha256": serve["model"]["sha256"], "baseline": cycles[0]["model"]["path"],
                               "metrics": headline(serve), "model": serve["model"],
                               "stop_reason": stop_reason})
-    write_text(paths.root / "reports" / "index.html",
+    write_text(paths.report_html,
                _html(params, result, cycles, pictures, seg_scores, enhance_stats, decision.serve_cycle))
     log.info("report written: %d cycles, serving c%d; %s", len(cycles), decision.serve_cycle, stop_reason)
     return result
@@ -291,11 +291,11 @@ def build_policy_comparison(params: Params, paths: Paths, results: dict[str, lis
     `results`: policy -> per-cycle headline metrics (as in reports/cycles/cK/metrics.json); `extra`
     joins summary.json (the real-data run's targets and timing).
     """
-    out_dir = paths.root / "reports" / name
+    out_dir = paths.comparison(name)
     summary = {"dataset": params.data.source, "default_policy": params.enhance.policy,
                "policies": {policy: {"cycles": [headline(c) for c in cycles]} for policy, cycles in results.items()},
                **(extra or {})}
-    write_json(out_dir / "summary.json", summary)
+    write_json(paths.comparison_summary(name), summary)
     figures.save_policy_comparison(out_dir / "comparison.png", results, list(POLICY_KEYS))
     esc = html.escape
     parts = ["<!doctype html><meta charset='utf-8'><title>Enhancement policies</title>", _STYLE,
@@ -306,7 +306,7 @@ def build_policy_comparison(params: Params, paths: Paths, results: dict[str, lis
              "<b>unmodified</b> test images.</p><img src='comparison.png'>"]
     for policy, cycles in results.items():
         parts += [f"<h2>{esc(policy)}</h2>", _html_table(cycles)]
-    write_text(out_dir / "index.html", "\n".join(parts))
+    write_text(paths.comparison_html(name), "\n".join(parts))
     return summary
 
 

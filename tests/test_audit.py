@@ -8,7 +8,7 @@ import pytest
 
 from pipeline.audit import (SHIFTED_SUFFIX, audited_manifest, glyph, marker_boxes, marker_scores, place,
                             write_audit)
-from pipeline.config import AuditParams
+from pipeline.config import AuditParams, Paths
 from pipeline.data.record import HEART_BIT, LUNGS_BIT
 from pipeline.data.store import ArrayStore, write_store
 
@@ -46,16 +46,17 @@ def test_place_clears_the_anatomy_and_falls_back_to_the_next_corner():
 def test_audit_plants_the_same_glyph_outside_the_anatomy_with_the_chosen_agreement(tmp_path):
     manifest, img, msk, images, masks = _dataset(tmp_path)
     p = AuditParams(enabled=True, label="Pneumonia", p=0.9, seed=3)
-    summary = write_audit(p, manifest, img, msk, tmp_path / "audit", 128)
-    out = pd.read_parquet(tmp_path / "audit" / "manifest.parquet")
-    markers = pd.read_parquet(tmp_path / "audit" / "markers.parquet")
+    summary = write_audit(p, manifest, img, msk, Paths(tmp_path), 128)
+    dest = Paths(tmp_path, audit=True)
+    out = pd.read_parquet(dest.manifest)
+    markers = pd.read_parquet(dest.audit_markers)
     n_test = int((manifest["split"] == "test").sum())
     assert len(out) == len(manifest) + n_test and (out["split"] == "test_shifted").sum() == n_test
     shifted = out[out["split"] == "test_shifted"]
     assert shifted["image_id"].str.endswith(SHIFTED_SUFFIX).all() and out["image_id"].is_unique
     assert (shifted["patient_id"].to_numpy() == manifest.loc[manifest["split"] == "test", "patient_id"].to_numpy()).all()
 
-    audited, amasks = ArrayStore(tmp_path / "audit" / "images"), ArrayStore(tmp_path / "audit" / "masks")
+    audited, amasks = ArrayStore(dest.images), ArrayStore(dest.masks)
     source = np.concatenate([np.arange(len(manifest)), np.flatnonzero(manifest["split"] == "test")])
     assert (amasks.read(np.arange(len(out))) == masks[source]).all()     # masks unchanged, copied for the copies
     g = glyph(SIDE, p)
@@ -83,10 +84,11 @@ def test_audit_plants_the_same_glyph_outside_the_anatomy_with_the_chosen_agreeme
 def test_a_films_draw_depends_only_on_its_id(tmp_path):
     manifest, img, msk, *_ = _dataset(tmp_path)
     p = AuditParams(enabled=True, p=0.8)
-    write_audit(p, manifest, img, msk, tmp_path / "a", 128)
-    write_audit(p, manifest.iloc[::-1].reset_index(drop=True), img, msk, tmp_path / "b", 128)
-    a = pd.read_parquet(tmp_path / "a" / "markers.parquet").set_index("image_id")["drawn"]
-    b = pd.read_parquet(tmp_path / "b" / "markers.parquet").set_index("image_id")["drawn"]
+    a, b = Paths(tmp_path / "a"), Paths(tmp_path / "b")
+    write_audit(p, manifest, img, msk, a, 128)
+    write_audit(p, manifest.iloc[::-1].reset_index(drop=True), img, msk, b, 128)
+    a = pd.read_parquet(a.audit_markers).set_index("image_id")["drawn"]
+    b = pd.read_parquet(b.audit_markers).set_index("image_id")["drawn"]
     assert a.sort_index().equals(b.sort_index())
 
 

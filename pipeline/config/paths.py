@@ -1,4 +1,8 @@
-"""Every artefact path of a project, relative to its root. dvc.yaml mirrors these."""
+"""Every artefact path of a project, relative to its root. dvc.yaml mirrors these.
+
+`Paths` is the one place that spells a folder or file name of an artefact: tests/test_paths.py fails
+on a `root / "reports" / ...` (or `"summary.json"`) built anywhere else in pipeline/, flows/,
+benchmarks/ or examples/."""
 from __future__ import annotations
 
 import os
@@ -26,10 +30,42 @@ class Paths:
         self.root = Path(root)
         self.audit_on = bool(audit)
 
-    # prepared data
+    # the project's own files
+    @property
+    def params(self) -> Path:
+        """The default params file (a stage's or the flow's `--params` may name another)."""
+        return self.root / "params.yaml"
+
+    @property
+    def dvc_lock(self) -> Path:
+        """What `dvc repro` recorded: each output's md5 (the viewer's model card cites the served model's)."""
+        return self.root / "dvc.lock"
+
+    # the three artefact folders
+    @property
+    def data(self) -> Path:
+        """Raw and prepared films, masks, CAMs, the enhanced sets."""
+        return self.root / "data"
+
+    @property
+    def models(self) -> Path:
+        """The checkpoints, latest.json and the resumable training states."""
+        return self.root / "models"
+
+    @property
+    def reports(self) -> Path:
+        """Scores, figures and the HTML report."""
+        return self.root / "reports"
+
+    # raw and prepared data
+    @property
+    def raw(self) -> Path:
+        """Where a downloaded dataset goes by default (data.root points into it; prepare depends on it)."""
+        return self.data / "raw"
+
     @property
     def prepared(self) -> Path:
-        return self.root / "data" / "prepared"
+        return self.data / "prepared"
 
     @property
     def prepared_manifest(self) -> Path:
@@ -38,6 +74,11 @@ class Paths:
     @property
     def prepared_images(self) -> Path:
         return self.prepared / "images"
+
+    @property
+    def prepare_summary(self) -> Path:
+        """What prepare wrote: films and patients per split, positives per label, files quarantined."""
+        return self.prepared / "summary.json"
 
     @property
     def manifest(self) -> Path:
@@ -62,12 +103,12 @@ class Paths:
     @property
     def quarantine(self) -> Path:
         """Files a source could not read, with the reason (the run goes on without them)."""
-        return self.root / "reports" / "quarantine.csv"
+        return self.reports / "quarantine.csv"
 
     # segmentation
     @property
     def predicted_masks(self) -> Path:
-        return self.root / "data" / "segment" / "masks"
+        return self.data / "segment" / "masks"
 
     @property
     def masks(self) -> Path:
@@ -75,16 +116,33 @@ class Paths:
 
     @property
     def unet(self) -> Path:
-        return self.root / "models" / "unet"
+        return self.models / "unet"
+
+    @property
+    def unet_weights(self) -> Path:
+        return self.unet / "unet.safetensors"
 
     @property
     def segment_report(self) -> Path:
-        return self.root / "reports" / "segment"
+        return self.reports / "segment"
+
+    @property
+    def segment_metrics(self) -> Path:
+        """The U-Net's Dice and IoU on held-out films (a DVC metric)."""
+        return self.segment_report / "metrics.json"
+
+    @property
+    def segment_implausible(self) -> Path:
+        """One row per film whose predicted mask failed a plausibility check."""
+        return self.segment_report / "implausible.csv"
+
+    def segment_preview(self, split: str) -> Path:
+        return self.segment_report / f"preview_{split}.png"
 
     # shortcut audit
     @property
     def audit(self) -> Path:
-        return self.root / "data" / "audit"
+        return self.data / "audit"
 
     @property
     def audit_markers(self) -> Path:
@@ -97,13 +155,17 @@ class Paths:
 
     # per cycle
     def model(self, cycle: int) -> Path:
-        return self.root / "models" / f"c{cycle}"
+        return self.models / f"c{cycle}"
+
+    def train_history(self, cycle: int) -> Path:
+        """One row per epoch of the cycle's training (columns: training.HISTORY_KEYS; a DVC plot)."""
+        return self.reports / "train" / f"c{cycle}" / "history.csv"
 
     def cams(self, cycle: int) -> Path:
-        return self.root / "data" / "cams" / f"c{cycle}"
+        return self.data / "cams" / f"c{cycle}"
 
     def enhanced(self, cycle: int) -> Path:
-        return self.root / "data" / "enhanced" / f"c{cycle}"
+        return self.data / "enhanced" / f"c{cycle}"
 
     def enhanced_train(self, cycle: int) -> Path:
         return self.enhanced(cycle) / "train"
@@ -112,8 +174,19 @@ class Paths:
         """Present for label-blind policies: the val images under the same transform."""
         return self.enhanced(cycle) / "val"
 
+    def enhance_report(self, cycle: int) -> Path:
+        return self.reports / "enhance" / f"c{cycle}"
+
+    def enhance_stats(self, cycle: int) -> Path:
+        """The enhancement plan's numbers and the class separability before and after (a DVC metric)."""
+        return self.enhance_report(cycle) / "stats.json"
+
+    def enhance_figures(self, cycle: int) -> Path:
+        """atlas.png and examples.png, which reports/index.html shows."""
+        return self.enhance_report(cycle) / "figures"
+
     def cycle_report(self, cycle: int) -> Path:
-        return self.root / "reports" / "cycles" / f"c{cycle}"
+        return self.reports / "cycles" / f"c{cycle}"
 
     def cycle_metrics(self, cycle: int) -> Path:
         """Headline scores only (what `dvc metrics show/diff` lists)."""
@@ -123,24 +196,69 @@ class Paths:
         """Every score of the cycle: per label, sanity steps, the model's metadata."""
         return self.cycle_report(cycle) / "scores.json"
 
+    def cycle_roc(self, cycle: int) -> Path:
+        """The ROC points per split and label (the report's ROC figure)."""
+        return self.cycle_report(cycle) / "roc.json"
+
+    def cycle_grid(self, cycle: int) -> Path:
+        """Every label's heatmap and probability on the fixed test films (the report's CAM grids)."""
+        return self.cycle_report(cycle) / "grid.npz"
+
     def resume_dir(self, cycle: int) -> Path:
-        return self.root / "models" / ".resume" / f"c{cycle}"
+        return self.models / ".resume" / f"c{cycle}"
 
     # saliency sanity checks (after the last evaluated cycle)
     @property
     def sanity(self) -> Path:
-        return self.root / "reports" / "sanity.json"
+        return self.reports / "sanity.json"
 
     @property
     def sanity_resume(self) -> Path:
         """The permuted-label twin's training state, kept: a rerun with the same twin skips its training."""
-        return self.root / "models" / ".resume" / "sanity"
+        return self.models / ".resume" / "sanity"
 
     # report
     @property
     def summary(self) -> Path:
-        return self.root / "reports" / "summary.json"
+        return self.reports / "summary.json"
 
     @property
     def latest(self) -> Path:
-        return self.root / "models" / "latest.json"
+        """The served model: its checkpoint (relative to the root), cycle 0's, the scores, why it stopped."""
+        return self.models / "latest.json"
+
+    @property
+    def report_html(self) -> Path:
+        """The report a reader opens; it links figures/ and enhance/ relative to itself."""
+        return self.reports / "index.html"
+
+    @property
+    def figures(self) -> Path:
+        return self.reports / "figures"
+
+    @property
+    def trends(self) -> Path:
+        """One row per cycle of the headline scores (`dvc plots show`)."""
+        return self.reports / "trends.csv"
+
+    def comparison(self, name: str) -> Path:
+        """reports/<name>/: a comparison of runs (the enhancement policies, a real-data run), with its
+        own summary.json and index.html."""
+        return self.reports / name
+
+    def comparison_summary(self, name: str) -> Path:
+        return self.comparison(name) / "summary.json"
+
+    def comparison_html(self, name: str) -> Path:
+        return self.comparison(name) / "index.html"
+
+    # outside the DVC graph
+    @property
+    def fresh_draw(self) -> Path:
+        """Every cycle scored on a fresh phantom draw (`python -m pipeline.fresh_draw`)."""
+        return self.reports / "fresh_draw.json"
+
+    @property
+    def benchmarks(self) -> Path:
+        """What `make bench` measured (benchmarks/run.py and benchmarks/gpu.py update it)."""
+        return self.reports / "benchmarks.json"

@@ -17,7 +17,7 @@ def run(params, paths, args) -> None:
         write_json(paths.audit_summary, {"enabled": False})
         return
     write_audit(params.audit, pd.read_parquet(paths.prepared_manifest), ArrayStore(paths.prepared_images),
-                ArrayStore(paths.predicted_masks), paths.audit, params.data.shard_size)
+                ArrayStore(paths.predicted_masks), paths, params.data.shard_size)
 
 
 if __name__ == "__main__":

@@ -43,10 +43,9 @@ def run(params, paths, args) -> None:
                 "enhanced": class_separability(enh, region, targets[sample, j])}
         for j, label in enumerate(labels)
     }
-    report_dir = paths.root / "reports" / "enhance" / f"c{k}"
-    write_json(report_dir / "stats.json", stats)
-    figures.save_atlas(report_dir / "figures" / "atlas.png", plan.atlas, plan.hot, plan.keep, raw.mean(axis=0))
-    figures.save_before_after(report_dir / "figures" / "examples.png", raw[:6], enh[:6], f"cycle {k}: {p.policy}")
+    write_json(paths.enhance_stats(k), stats)
+    figures.save_atlas(paths.enhance_figures(k) / "atlas.png", plan.atlas, plan.hot, plan.keep, raw.mean(axis=0))
+    figures.save_before_after(paths.enhance_figures(k) / "examples.png", raw[:6], enh[:6], f"cycle {k}: {p.policy}")
     log.info("cycle %d: %s enhancement of %d images; hot fraction %.3f", k, p.policy, len(train_idx),
              stats["hot_fraction"])
 

@@ -5,7 +5,7 @@ from pipeline.stages.common import stage_main
 
 
 def run(params, paths, args) -> None:
-    write_json(paths.prepared / "summary.json", prepare(params, paths))
+    write_json(paths.prepare_summary, prepare(params, paths))
 
 
 if __name__ == "__main__":

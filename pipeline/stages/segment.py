@@ -54,7 +54,7 @@ def run(params, paths, args) -> None:
                   "held_out_at_input": {**at_input, "resolution": p.size}}
     scores["size"] = p.size  # (no timing in metrics.json: DVC outputs are the same bytes every run)
     log.info("U-Net trained in %.0f s on %d films at %d px", train_seconds, scores["n_train"], p.size)
-    unet_path = paths.unet / "unet.safetensors"
+    unet_path = paths.unet_weights
     save_unet(unet_path, net, p)
     with open_engine(params.engine, params.compute.device) as engine:
         pred, checks = predict_store(engine, unet_path.resolve(), images, paths.predicted_masks,
@@ -69,14 +69,14 @@ def run(params, paths, args) -> None:
     bad = frame[~frame["plausible"]]
     scores.update(implausible=len(bad), blobs_removed=int(frame["blobs_removed"].sum()), n_checked=len(frame),
                   implausible_by_split={s: int(n) for s, n in bad["split"].value_counts().sort_index().items()})
-    write_text(paths.segment_report / "implausible.csv", bad.to_csv(index=False))
+    write_text(paths.segment_implausible, bad.to_csv(index=False))
     scores["previews"] = write_previews(paths, manifest, images, pred, frame, p.seed)
     log.info("U-Net scores: %s; %d of %d masks implausible, %d cleaned of blobs", scores["val"], len(bad),
              len(frame), scores["blobs_removed"])
     if len(frame) and len(bad) > 0.1 * len(frame):
         log.warning("%.0f%% of the predicted masks are implausible (reports/segment/implausible.csv): the "
                     "U-Net may not suit this dataset", 100 * len(bad) / len(frame))
-    write_json(paths.segment_report / "metrics.json", scores)
+    write_json(paths.segment_metrics, scores)
 
 
 def write_previews(paths, manifest: pd.DataFrame, images: ArrayStore, masks: ArrayStore, frame: pd.DataFrame,
@@ -88,10 +88,10 @@ def write_previews(paths, manifest: pd.DataFrame, images: ArrayStore, masks: Arr
         idx = rows(manifest, split)
         pick = np.sort(np.random.default_rng([seed, k]).choice(idx, min(PREVIEW_FILMS, len(idx)), replace=False))
         sel = frame.iloc[pick]
-        figures.save_mask_preview(paths.segment_report / f"preview_{split}.png", images.read(pick),
+        figures.save_mask_preview(paths.segment_preview(split), images.read(pick),
                                   masks.read(pick), sel["plausible"].to_numpy(bool), sel["reason"].tolist(),
                                   f"{split}: predicted lungs (cyan) and heart (red), {len(pick)} random films")
-    return [f"preview_{split}.png" for split in PREVIEW_SPLITS]
+    return [paths.segment_preview(split).name for split in PREVIEW_SPLITS]
 
 
 if __name__ == "__main__":

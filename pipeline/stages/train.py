@@ -24,7 +24,7 @@ from pipeline.data.manifest import label_matrix, resolve_labels, rows
 from pipeline.data.store import ArrayStore
 from pipeline.data.transforms import NORMALISATION
 from pipeline.io import write_text
-from pipeline.models.checkpoint import file_sha256, load_model, save_model
+from pipeline.models.checkpoint import MODEL_FILE, file_sha256, load_model, save_model
 from pipeline.models.freeze import apply_trainable
 from pipeline.stages.common import cycle_arg, stage_main
 from pipeline.training import (RESUME_FILE, Rows, TrainSpec, baseline_model, baseline_spec, run_options,
@@ -81,7 +81,7 @@ def _run(params, paths, args) -> None:
         train_idx = np.arange(len(train_rows))
         if (paths.enhanced_val(k) / "index.json").is_file():
             select = Rows(ArrayStore(paths.enhanced_val(k)), np.arange(len(val_rows)), y_val)
-        parent = {"cycle": prev, "sha256": file_sha256(paths.model(prev) / "model.safetensors")}
+        parent = {"cycle": prev, "sha256": file_sha256(paths.model(prev) / MODEL_FILE)}
         spec = TrainSpec(tp.finetune_epochs, tp.finetune_lr, tp.weight_decay, tp.batch_size, tp.seed + k, tp.augment)
     n_train, n_total = apply_trainable(model, tp.trainable_last_n, tp.trainable_blocks)
     trainable = {"last_n": tp.trainable_last_n, "blocks": tp.trainable_blocks, "params": n_train,
@@ -110,7 +110,7 @@ def _run(params, paths, args) -> None:
     if distributed.is_main():
         save_model(paths.model(k), model, meta)
         hist = pd.DataFrame(result["history"])
-        write_text(paths.root / "reports" / "train" / f"c{k}" / "history.csv", hist.to_csv(index=False))
+        write_text(paths.train_history(k), hist.to_csv(index=False))
         (resume_dir / RESUME_FILE).unlink(missing_ok=True)
     distributed.barrier()
     log.info("cycle %d: best epoch %d, val AUROC %.4f", k, result["best_epoch"] + 1, result["best_score"])

@@ -22,7 +22,7 @@ from starlette.concurrency import run_in_threadpool
 
 from pipeline.viewer.auth import LoginThrottle, TooManyFailures, Users, log_in
 from pipeline.viewer.card import NOTICE
-from pipeline.viewer.inference import SHORTCUT_SHARE, Analysis, ServedModels, ImageError, NoModel, anatomy_of_label
+from pipeline.viewer.inference import SHORTCUT_SHARE, Analysis, ImageError, NoModel, ServedModels, anatomy_of_label
 from pipeline.viewer.limits import Busy, InFlight
 from pipeline.viewer.render import b64png, heatmap_gray
 

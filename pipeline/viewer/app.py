@@ -55,15 +55,15 @@ def create_app(root: str | os.PathLike = ".", users=None, *, max_upload_mb: floa
     from starlette.routing import Mount
 
     from pipeline.viewer.api import install_error_handlers, router
-    from pipeline.viewer.auth import LoginThrottle, TooManyFailures, Users, log_in
+    from pipeline.viewer.auth import DEFAULT_USERS_FILE, LoginThrottle, TooManyFailures, Users, log_in
     from pipeline.viewer.card import model_card
-    from pipeline.viewer.inference import ServedModels, NoModel
     from pipeline.viewer.gate import Gate, client_address
+    from pipeline.viewer.inference import NoModel, ServedModels
     from pipeline.viewer.limits import Limits
     from pipeline.viewer.ui import CSS, build_ui
 
     root = Path(root).resolve()
-    users = users if users is not None else Users.load(root / ".cxr" / "users.json"
+    users = users if users is not None else Users.load(root / DEFAULT_USERS_FILE
                                                        if not os.environ.get("CXR_USERS_FILE") else None)
     if not users:
         raise SystemExit("error: no viewer users: set CXR_USERS='name:password' (demo) or add one with "

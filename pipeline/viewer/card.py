@@ -7,6 +7,7 @@ from pathlib import Path
 
 import yaml
 
+from pipeline.config import Paths
 from pipeline.io import read_json
 from pipeline.metrics.sanity import SANITY_MAX
 from pipeline.audit import audit_note
@@ -39,9 +40,9 @@ def git_revision(root: Path) -> str | None:
         return None
 
 
-def dvc_output_md5(root: Path, out_path: str) -> str | None:
-    """The md5 dvc.lock records for an output (e.g. models/c2): the DVC revision of that artefact."""
-    lock = root / "dvc.lock"
+def dvc_output_md5(root: Path, out_path: Path) -> str | None:
+    """The md5 dvc.lock records for an output under root (e.g. models/c2): the DVC revision of that artefact."""
+    lock, key = Paths(root).dvc_lock, Path(out_path).relative_to(root).as_posix()
     if not lock.is_file():
         return None
     try:
@@ -50,7 +51,7 @@ def dvc_output_md5(root: Path, out_path: str) -> str | None:
         return None
     for stage in stages.values():
         for out in stage.get("outs", []) or []:
-            if out.get("path") == out_path:
+            if out.get("path") == key:
                 return out.get("md5")
     return None
 
@@ -61,7 +62,7 @@ def label_permutation_entry(root: Path, cycle: int) -> dict | None:
     `passed` is False when the served model's heatmaps correlate >= SANITY_MAX with those of a twin
     trained on permuted labels, or when no heatmap pair could be compared.
     """
-    path = root / "reports" / "sanity.json"
+    path = Paths(root).sanity
     if not path.is_file():
         return None
     try:
@@ -97,14 +98,14 @@ def mask_source(seg: dict | None) -> str | None:
 
 def model_card(root: Path, info: dict, meta: dict, sha256: str, baseline_meta: dict | None) -> dict:
     """JSON-ready card for the served model (cycle metrics from reports/cycles/cK/metrics.json)."""
-    cycle = int(meta.get("cycle", 0))
-    metrics_path = root / "reports" / "cycles" / f"c{cycle}" / "metrics.json"
+    cycle, paths = int(meta.get("cycle", 0)), Paths(root)
+    metrics_path = paths.cycle_metrics(cycle)
     metrics = read_json(metrics_path) if metrics_path.is_file() else (info.get("metrics") or {})
-    base_path = root / "reports" / "cycles" / "c0" / "metrics.json"
+    base_path = paths.cycle_metrics(0)
     base_metrics = read_json(base_path) if base_path.is_file() else None
     sanity = metrics.get("sanity_rank_corr")
     permutation = label_permutation_entry(root, cycle)
-    summary_path = root / "reports" / "summary.json"
+    summary_path = paths.summary
     summary = read_json(summary_path) if summary_path.is_file() else {}
     dataset = summary.get("dataset") or meta.get("source")
     return {
@@ -118,7 +119,7 @@ def model_card(root: Path, info: dict, meta: dict, sha256: str, baseline_meta: d
         "enhance_policy": meta.get("enhance_policy"),
         "selected_on": meta.get("selected_on"),
         "git_revision": git_revision(root),
-        "dvc_md5": dvc_output_md5(root, f"models/c{cycle}"),
+        "dvc_md5": dvc_output_md5(root, paths.model(cycle)),
         "stop_reason": info.get("stop_reason"),
         "baseline_cycle": baseline_meta.get("cycle") if baseline_meta else None,
         "test_metrics": {k: metrics.get(k) for k in METRIC_KEYS},

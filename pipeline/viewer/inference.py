@@ -121,7 +121,7 @@ class ServedModels:
         self._failed_stamp: tuple[int, int] | None = None   # latest.json as it was when loading it failed
 
     def _params(self) -> Params:
-        path = self.root / "params.yaml"
+        path = self.paths.params
         try:
             return load_params(path) if path.is_file() else Params()
         except ConfigError as err:
@@ -191,7 +191,7 @@ class ServedModels:
                     base_path = self.root / info["baseline"]
                     baseline = latest if base_path.resolve() == latest.path.resolve() else self._serve(base_path)
                 unet, unet_meta = self.unet, self.unet_meta
-                unet_path = self.paths.unet / "unet.safetensors"
+                unet_path = self.paths.unet_weights
                 if unet_path.is_file():
                     from pipeline.segmentation import load_unet
 

@@ -18,7 +18,7 @@ from pathlib import Path
 import gradio as gr
 
 from pipeline.viewer.card import NOTICE, card_markdown
-from pipeline.viewer.inference import SHORTCUT_SHARE, Analysis, ServedModels, ImageError, NoModel, anatomy_of_label
+from pipeline.viewer.inference import SHORTCUT_SHARE, Analysis, ImageError, NoModel, ServedModels, anatomy_of_label
 from pipeline.viewer.examples import examples
 from pipeline.viewer.render import anatomy_overlay, data_uri, overlay
 
