@@ -69,7 +69,7 @@ def _parser() -> argparse.ArgumentParser:
                     "project directory (the one holding params.yaml and dvc.yaml).",
         epilog=f"commands:\n{listing}\n\n`cxr-refine COMMAND --help` shows a command's options.")
     parser.add_argument("-C", dest="directory", metavar="DIR", help="run in DIR instead of the current directory")
-    parser.add_argument("command", choices=list(COMMANDS), metavar="COMMAND")
+    parser.add_argument("command", nargs="?", choices=list(COMMANDS), metavar="COMMAND")
     parser.add_argument("args", nargs=argparse.REMAINDER, help="the command's options")
     return parser
 
@@ -80,7 +80,7 @@ def _env_options(name: str, command: Command, args: list[str], env: dict[str, st
                                      epilog=f"runs {command.shown()}; every other setting is an environment "
                                             "variable (README, Viewer)")
     for flag, variable, text in command.env_options:
-        parser.add_argument(flag, dest=variable, help=f"{text}; or ${variable}")
+        parser.add_argument(flag, dest=variable, metavar=flag.lstrip("-").upper(), help=f"{text}; or ${variable}")
     for variable, value in vars(parser.parse_args(args)).items():
         if value is not None:
             env[variable] = value
@@ -103,7 +103,11 @@ def _call(argv: list[str], env: dict[str, str]) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(sys.argv[1:] if argv is None else argv)
+    parser = _parser()
+    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    if args.command is None:
+        parser.print_help(sys.stderr)
+        return 2
     name, command, rest = args.command, COMMANDS[args.command], list(args.args)
     env = child_env()
     wants_help = any(a in HELP_FLAGS for a in rest)

@@ -3,8 +3,10 @@ command refuses a directory that is not a project in one line; options reach the
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -13,6 +15,7 @@ from pipeline.cli import COMMANDS
 from pipeline.presets import list_presets
 from pipeline.viewer.auth import read_users_file, verify_password
 from tests.conftest import ROOT
+from tests.helpers import free_port
 
 # an option each entry point's own parser defines: proof that --help reached it
 OWN_OPTION = {"run": "--dask-address", "repro": "--force", "compare": "policies", "real": "--kermany",
@@ -85,3 +88,42 @@ def test_the_entry_points_exit_status_comes_back(tmp_path):
     proc = cli("users", "add", "bob", "--password-stdin", cwd=project, stdin="short\n")
     assert proc.returncode == 1 and "at least 8 characters" in proc.stderr
     assert not (project / ".cxr" / "users.json").exists()
+
+
+def test_viewer_options_reach_the_viewer_and_sigterm_reaches_it_through_the_command(tmp_path):
+    """`--port` becomes the viewer's CXR_PORT; SIGTERM sent to `cxr-refine` (as a service manager sends
+    it) stops the viewer, which cleans up and exits, and its status comes back."""
+    import httpx
+    import psutil
+
+    project, port, log = project_dir(tmp_path), free_port(), tmp_path / "viewer.log"
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "CXR_USERS": "ann:a-long-password", "GRADIO_TEMP_DIR": str(tmp_path)}
+    env.pop("CXR_PORT", None)
+    with open(log, "wb") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "viewer", "--port", str(port)], cwd=project,
+                                env=env, stdout=out, stderr=subprocess.STDOUT)
+    viewer: list = []
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and proc.poll() is None:
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/api/v1/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.5)
+        else:
+            pytest.fail(f"no viewer on port {port}:\n{log.read_text()[-2000:]}")
+        viewer = psutil.Process(proc.pid).children()
+        assert len(viewer) == 1 and list(tmp_path.glob("cxr-viewer-*"))   # its private upload folder
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 128 + signal.SIGTERM, log.read_text()[-2000:]   # the viewer's status on SIGTERM
+        viewer[0].wait(10)
+        assert not list(tmp_path.glob("cxr-viewer-*"))   # removed on its way out: it was stopped, not killed
+    finally:   # nothing outlives the test, whatever failed
+        if proc.poll() is None:
+            viewer += psutil.Process(proc.pid).children(recursive=True)
+            proc.kill()
+        for child in viewer:
+            if child.is_running():
+                child.kill()
+        proc.wait(10)
