@@ -24,9 +24,9 @@ import torch
 
 from pipeline.compute import clean_thread_env
 from pipeline.config import Paths, load_params
+from pipeline.io import read_json
 from pipeline.launch import child_env, require_project
 from pipeline.models.checkpoint import load_model
-from pipeline.report import load_cycles
 from pipeline.viewer.inference import ImageError, ModelResult, NoModel, ServedModels
 
 log = logging.getLogger(__name__)
@@ -91,12 +91,11 @@ def explain(image: str | os.PathLike | bytes, root: str | os.PathLike = ".", *, 
 def load_cycle(root: str | os.PathLike, cycle: int, device: str = "cpu") -> Cycle:
     """Cycle `cycle`'s scores and model, as the pipeline left them in `root`."""
     paths = Paths(root)
-    found = load_cycles(paths, [cycle])
-    if not found:
+    if not paths.cycle_scores(cycle).is_file():
         raise FileNotFoundError(f"cycle {cycle} has not been evaluated in {paths.root}: "
                                 f"run_cycle(root, {cycle}) or `cxr-refine repro`")
     model, meta = load_model(paths.model(cycle), device)
-    return Cycle(cycle, found[0], model.eval(), meta)
+    return Cycle(cycle, read_json(paths.cycle_scores(cycle)), model.eval(), meta)
 
 
 def run_cycle(root: str | os.PathLike = ".", cycle: int | None = None) -> Cycle:

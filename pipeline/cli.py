@@ -2,7 +2,7 @@
 
 Each subcommand starts the entry point its `make` target starts (`python -m flows.refine`, `dvc repro`,
 ...) in a child interpreter with the Makefile's environment (pipeline.launch), and forwards the
-options: `cxr-refine run --params p.yaml` is `python -m flows.refine --params p.yaml`, and
+options: `cxr-refine run --dask-address ADDR` is `python -m flows.refine --dask-address ADDR`, and
 `cxr-refine run --help` shows that entry point's own options. A child process rather than an import
 keeps the library free of Prefect and DVC (tests/test_layout.py), and each entry point keeps its
 one parser. A Python outside the supported range stops in `pipeline/__init__.py`, before this runs.
@@ -127,7 +127,10 @@ def main(argv: list[str] | None = None) -> int:
     except NotAProject as err:
         sys.exit(f"error: {err}")
     if command.needs_git and not (root / ".git").exists():
-        subprocess.run(["git", "init", "-q"], check=True)
+        try:   # DVC keeps its experiments and locks beside a git repository
+            subprocess.run(["git", "init", "-q"], check=True)
+        except (OSError, subprocess.CalledProcessError) as err:
+            sys.exit(f"error: {root} is not a git repository and `git init` failed ({err})")
     code = _call([sys.executable, *command.argv, *rest], env)
     if code == 0 and command.then:
         code = _call([sys.executable, *command.then], env)

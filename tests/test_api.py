@@ -32,7 +32,7 @@ def project() -> Path:
 
 
 @pytest.fixture(scope="module")
-def copy(project, tmp_path_factory) -> Path:
+def project_copy(project, tmp_path_factory) -> Path:
     """A copy to change (the shared project is read-only for its users)."""
     dest = tmp_path_factory.mktemp("api") / "project"
     shutil.copytree(project, dest, symlinks=True)
@@ -95,16 +95,16 @@ def test_load_cycle_returns_what_the_pipeline_wrote(project):
         load_cycle(project, 7)
 
 
-def test_run_cycle_reproduces_a_missing_evaluation(copy):
-    scores = copy / "reports" / "cycles" / "c1" / "scores.json"
+def test_run_cycle_reproduces_a_missing_evaluation(project_copy):
+    scores = project_copy / "reports" / "cycles" / "c1" / "scores.json"
     before = json.loads(scores.read_text())
     scores.unlink()
-    c = run_cycle(copy, 1)
+    c = run_cycle(project_copy, 1)
     assert scores.is_file() and c.scores == json.loads(scores.read_text())
     assert {k: c.scores[k] for k in ("auroc_macro", "cam_in_anatomy", "shortcut_gap")} == \
         {k: before[k] for k in ("auroc_macro", "cam_in_anatomy", "shortcut_gap")}
     with pytest.raises(ValueError, match="cycle 9 is not configured"):
-        run_cycle(copy, 9)
+        run_cycle(project_copy, 9)
 
 
 def test_the_example_script_explains_a_film(project, tmp_path):
@@ -121,9 +121,9 @@ def test_the_example_script_explains_a_film(project, tmp_path):
     assert picture.shape == (2 * 160, len(labels) * 160, 3)   # the served model's row and cycle 0's
 
 
-def test_the_command_reproduces_a_project_and_prints_the_table(copy):
+def test_the_command_reproduces_a_project_and_prints_the_table(project_copy):
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    proc = subprocess.run([sys.executable, "-m", "pipeline.cli", "repro"], cwd=copy, env=env,
+    proc = subprocess.run([sys.executable, "-m", "pipeline.cli", "repro"], cwd=project_copy, env=env,
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "dataset: phantom" in proc.stdout and "auroc_macro" in proc.stdout   # pipeline.report's table
