@@ -79,7 +79,13 @@ def test_prediction_schema(viewer):
         assert p["positive"] == (p["probability"] >= p["threshold"])
         assert p["anatomy"] in ("lungs", "heart", "both")
         assert p["anatomy_share"] is None or 0 <= p["anatomy_share"] <= 1
-        assert p["shortcut_warning"] == (None if p["anatomy_share"] is None else p["anatomy_share"] < 0.5)
+        # the warning is the lift rule (pipeline/viewer/shortcut_warning.py): share / anatomy's area share < 1
+        assert p["anatomy_fraction"] is None or 0 < p["anatomy_fraction"] <= 1
+        if p["anatomy_share"] is None or p["anatomy_fraction"] is None:
+            assert p["anatomy_lift"] is None and p["shortcut_warning"] is None
+        else:
+            assert abs(p["anatomy_lift"] - p["anatomy_share"] / p["anatomy_fraction"]) < 2e-3
+            assert p["shortcut_warning"] == (p["anatomy_lift"] < body["shortcut_warning_rule"]["lift_below"])
         heat = np.asarray(Image.open(io.BytesIO(base64.b64decode(p["heatmap_png"]))))
         assert heat.shape == (size, size) and heat.dtype == np.uint8
         assert p["baseline"]["cycle"] == 0 and "heatmap_png" in p["baseline"]

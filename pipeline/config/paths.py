@@ -139,6 +139,16 @@ class Paths:
     def segment_preview(self, split: str) -> Path:
         return self.segment_report / f"preview_{split}.png"
 
+    # clinician feedback (the viewer's review mode writes it; pipeline/feedback.py reads it)
+    @property
+    def feedback(self) -> Path:
+        """Reviewers' marks: append-only JSONL, never edited (a retraction is a new record)."""
+        return self.data / "feedback"
+
+    @property
+    def feedback_log(self) -> Path:
+        return self.feedback / "marks.jsonl"
+
     # shortcut audit
     @property
     def audit(self) -> Path:

@@ -3,7 +3,8 @@
     python -m pipeline.viewer            # or `make viewer`; CXR_HOST / CXR_PORT, default 127.0.0.1:7860
 
 Settings (environment): CXR_USERS="name:pw,..." (demo) and/or a users file (CXR_USERS_FILE,
-default .cxr/users.json; `python -m pipeline.viewer.auth add NAME`); the resource limits of
+default .cxr/users.json; `python -m pipeline.viewer.auth add NAME [--role reviewer]`), CXR_REVIEWERS
+(demo users with the reviewer role: the review tab and routes); the resource limits of
 pipeline/viewer/limits.py (upload size, pixels, bodies, deadlines, connections, analyses in flight,
 trusted proxies). Gradio runs with analytics off, no share link, no `allowed_paths` (the workspace
 is blocked outright), uploads capped by `max_file_size`, files never analysed deleted after
@@ -60,6 +61,8 @@ def create_app(root: str | os.PathLike = ".", users=None, *, max_upload_mb: floa
     from pipeline.viewer.gate import Gate, client_address
     from pipeline.viewer.inference import NoModel, ServedModels
     from pipeline.viewer.limits import Limits
+    from pipeline.viewer.review import ReviewFilms
+    from pipeline.viewer.review_ui import CSS as REVIEW_CSS
     from pipeline.viewer.ui import CSS, build_ui
 
     root = Path(root).resolve()
@@ -94,7 +97,9 @@ def create_app(root: str | os.PathLike = ".", users=None, *, max_upload_mb: floa
         log.error("internal error: %s", type(exc).__name__)
         return JSONResponse({"error": "internal error"}, status_code=500)
 
-    app.include_router(router(models, users, max_bytes, card, throttle, limits.max_inflight))
+    films = ReviewFilms(models)
+    app.include_router(router(models, users, max_bytes, card, throttle, limits.max_inflight, films,
+                              limits.feedback_body_bytes))
 
     async def gradio_login(name: str, password: str) -> bool:
         """The Gradio login form's check, the REST API's (429 while locked out); Gradio awaits it on the
@@ -107,13 +112,14 @@ def create_app(root: str | os.PathLike = ".", users=None, *, max_upload_mb: floa
             raise HTTPException(429, detail=str(err), headers={"Retry-After": str(err.retry_after)}) from None
 
     ttl = limits.upload_ttl_s
-    demo = build_ui(models, card, max_bytes=max_bytes, delete_cache=(max(1, int(min(60.0, ttl / 2))), max(1, int(ttl))))
+    demo = build_ui(models, card, max_bytes=max_bytes, delete_cache=(max(1, int(min(60.0, ttl / 2))), max(1, int(ttl))),
+                    users=users, films=films)
     demo.queue(default_concurrency_limit=1, max_size=limits.queue_size)
     app = gr.mount_gradio_app(
         app, demo, path="/", auth=gradio_login, auth_message=AUTH_MESSAGE,
         allowed_paths=None, blocked_paths=[str(root)], max_file_size=max_bytes, show_error=False,
         ssr_mode=False, footer_links=[], run_history=False,
-        app_kwargs={"docs_url": None, "redoc_url": None, "openapi_url": None}, theme=gr.themes.Default(), css=CSS,
+        app_kwargs={"docs_url": None, "redoc_url": None, "openapi_url": None}, theme=gr.themes.Default(), css=CSS + REVIEW_CSS,
         server_name=os.environ.get("CXR_HOST", DEFAULT_HOST),
         server_port=int(os.environ.get("CXR_PORT", DEFAULT_PORT)))
     # mount_gradio_app, unlike launch(), leaves the Blocks unmarked, and Gradio skips its check of the

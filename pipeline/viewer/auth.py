@@ -4,9 +4,15 @@
 in a file (default `.cxr/users.json`, or $CXR_USERS_FILE) that holds only scrypt hashes with a
 random salt per user, and add users with
 
-    python -m pipeline.viewer.auth add NAME          # asks for the password twice
+    python -m pipeline.viewer.auth add NAME [--role reviewer]   # asks for the password twice
+    python -m pipeline.viewer.auth role NAME reviewer           # or viewer
 
-Both sources may be used at once. Passwords are compared in constant time, and every failed check
+Both sources may be used at once.
+
+Every user has a role: `viewer` (predict only; the default, so a users file written before roles
+existed keeps working, everyone in it a viewer) or `reviewer` (also the review mode and its REST
+routes, which write clinician feedback). Roles live in the users file (`"roles": {name: role}`,
+beside `"users"`); demo users named in $CXR_REVIEWERS ("alice,bob") are reviewers. Passwords are compared in constant time, and every failed check
 costs one scrypt whether the name exists or not (an unknown name is checked against a dummy hash),
 so response times do not tell which names are users.
 
@@ -40,6 +46,9 @@ from pipeline.io import write_text
 from pipeline.viewer.limits import env_number
 
 USERS_ENV = "CXR_USERS"
+REVIEWERS_ENV = "CXR_REVIEWERS"
+VIEWER, REVIEWER = "viewer", "reviewer"
+ROLES = (VIEWER, REVIEWER)
 USERS_FILE_ENV = "CXR_USERS_FILE"
 DEFAULT_USERS_FILE = Path(".cxr") / "users.json"
 _SCRYPT = {"n": 2 ** 14, "r": 8, "p": 1}
@@ -84,6 +93,7 @@ class Users:
     """The accounts the viewer accepts: plain demo passwords (from the environment) and stored hashes."""
     plain: dict[str, str] = field(default_factory=dict)
     hashed: dict[str, str] = field(default_factory=dict)
+    roles: dict[str, str] = field(default_factory=dict)   # name -> role; absent: VIEWER
     # keyed digests of credentials already verified against a stored hash, so an API client sending
     # HTTP Basic with every request does not pay a ~50 ms scrypt each time (the key lives in memory only)
     _key: bytes = field(default_factory=lambda: secrets.token_bytes(32), repr=False)
@@ -95,10 +105,18 @@ class Users:
     def load(cls, users_file: str | os.PathLike | None = None) -> "Users":
         path = Path(users_file or os.environ.get(USERS_FILE_ENV) or DEFAULT_USERS_FILE)
         hashed = read_users_file(path) if path.is_file() else {}
-        return cls(parse_env_users(os.environ.get(USERS_ENV, "")), hashed)
+        roles = read_roles(path) if path.is_file() else {}
+        roles.update({name: REVIEWER for name in parse_names(os.environ.get(REVIEWERS_ENV, ""))})
+        return cls(parse_env_users(os.environ.get(USERS_ENV, "")), hashed, roles)
 
     def __bool__(self) -> bool:
         return bool(self.plain or self.hashed)
+
+    def role(self, name: str | None) -> str | None:
+        """The role of an existing user (VIEWER unless recorded otherwise); None for anyone else."""
+        if not name or (name not in self.plain and name not in self.hashed):
+            return None
+        return REVIEWER if self.roles.get(name) == REVIEWER else VIEWER
 
     def check(self, name: str | None, password: str | None) -> bool:
         """Blocking (one scrypt unless the credential was verified before): call it off the event loop."""
@@ -237,35 +255,90 @@ def log_in(users: Users, throttle: LoginThrottle, client: str | None, name: str 
     return False
 
 
-def read_users_file(path: str | os.PathLike) -> dict[str, str]:
+def parse_names(value: str) -> list[str]:
+    """'alice, bob' -> ['alice', 'bob']."""
+    return [s.strip() for s in value.split(",") if s.strip()]
+
+
+def _read(path: str | os.PathLike) -> dict:
     data = json.loads(Path(path).read_text() or "{}")
-    users = data.get("users", {}) if isinstance(data, dict) else {}
-    return {str(k): str(v) for k, v in users.items()}
+    return data if isinstance(data, dict) else {}
 
 
-def add_user(path: str | os.PathLike, name: str, password: str) -> None:
-    """Add or replace a user in the users file (created 0600 if missing); written atomically."""
+def read_users_file(path: str | os.PathLike) -> dict[str, str]:
+    users = _read(path).get("users", {})
+    return {str(k): str(v) for k, v in users.items()} if isinstance(users, dict) else {}
+
+
+def read_roles(path: str | os.PathLike) -> dict[str, str]:
+    """The users file's roles (a file from before roles has none: everyone a viewer); unknown roles dropped."""
+    roles = _read(path).get("roles", {})
+    return {str(k): str(v) for k, v in roles.items() if v in ROLES} if isinstance(roles, dict) else {}
+
+
+def _write_users_file(path: Path, users: dict[str, str], roles: dict[str, str]) -> None:
+    roles = {k: v for k, v in sorted(roles.items()) if k in users and v != VIEWER}   # viewer is the default
+    write_text(path, json.dumps({"users": users, "roles": roles}, indent=2) + "\n")
+    os.chmod(path, 0o600)
+
+
+def _check_role(role: str) -> str:
+    if role not in ROLES:
+        raise ValueError(f"a role is one of {', '.join(ROLES)}, not {role!r}")
+    return role
+
+
+def add_user(path: str | os.PathLike, name: str, password: str, role: str | None = None) -> None:
+    """Add or replace a user in the users file (created 0600 if missing); written atomically. `role`
+    None keeps a replaced user's role (a new user is a viewer)."""
     if not name or ":" in name or "," in name:
         raise ValueError("a user name must be non-empty and contain no ':' or ','")
     if len(password) < 8:
         raise ValueError("a password must have at least 8 characters")
     path = Path(path)
     users = read_users_file(path) if path.is_file() else {}
+    roles = read_roles(path) if path.is_file() else {}
     users[name] = hash_password(password)
-    write_text(path, json.dumps({"users": users}, indent=2) + "\n")
-    os.chmod(path, 0o600)
+    if role is not None:
+        roles[name] = _check_role(role)
+    _write_users_file(path, users, roles)
+
+
+def set_role(path: str | os.PathLike, name: str, role: str) -> None:
+    """Give an existing user of the users file `role`."""
+    path = Path(path)
+    users = read_users_file(path) if path.is_file() else {}
+    if name not in users:
+        raise ValueError(f"no user {name!r} in {path}")
+    roles = read_roles(path)
+    roles[name] = _check_role(role)
+    _write_users_file(path, users, roles)
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m pipeline.viewer.auth",
                                      description="Manage the viewer's users file (salted scrypt hashes).")
     sub = parser.add_subparsers(dest="cmd", required=True)
+    file_help = f"users file (default ${USERS_FILE_ENV} or {DEFAULT_USERS_FILE})"
     add = sub.add_parser("add", help="add or replace a user")
     add.add_argument("name")
-    add.add_argument("--file", default=None, help=f"users file (default ${USERS_FILE_ENV} or {DEFAULT_USERS_FILE})")
+    add.add_argument("--file", default=None, help=file_help)
     add.add_argument("--password-stdin", action="store_true", help="read the password from standard input")
+    add.add_argument("--role", choices=ROLES, default=None,
+                     help=f"{VIEWER} (predict only; a new user's default) or {REVIEWER} (also review mode)")
+    role = sub.add_parser("role", help="set a user's role")
+    role.add_argument("name")
+    role.add_argument("role", choices=ROLES)
+    role.add_argument("--file", default=None, help=file_help)
     args = parser.parse_args(argv)
     path = Path(args.file or os.environ.get(USERS_FILE_ENV) or DEFAULT_USERS_FILE)
+    if args.cmd == "role":
+        try:
+            set_role(path, args.name, args.role)
+        except ValueError as err:
+            sys.exit(f"error: {err}")
+        sys.stderr.write(f"user {args.name!r} is a {args.role} in {path}\n")
+        return
     if args.password_stdin:
         password = sys.stdin.readline().rstrip("\n")
     else:
@@ -273,7 +346,7 @@ def main(argv: list[str] | None = None) -> None:
         if getpass.getpass("again: ") != password:
             sys.exit("error: the passwords differ")
     try:
-        add_user(path, args.name, password)
+        add_user(path, args.name, password, args.role)
     except ValueError as err:
         sys.exit(f"error: {err}")
     sys.stderr.write(f"user {args.name!r} saved in {path}\n")

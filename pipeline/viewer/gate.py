@@ -19,7 +19,8 @@ Before any route sees a request, the gate also
 - believes `X-Forwarded-For`/`-Proto` only from CXR_TRUSTED_PROXIES (uvicorn's own middleware does the
   rewriting) and drops every `X-Forwarded-*`/`Forwarded` header from anyone else, so a client cannot
   pick the address the login throttle counts, nor the host Gradio builds its URLs from;
-- bounds bodies: without a session, and on the login route always, a few kB (`CXR_ANON_BODY_BYTES`)
+- bounds bodies: `POST /api/v1/feedback` (JSON marks, HTTP Basic) to `CXR_FEEDBACK_BODY_BYTES`;
+  without a session, and on the login route always, a few kB (`CXR_ANON_BODY_BYTES`)
   by declared length and as they stream (the login form is parsed in full before any check), and
   no file part in a login (Gradio's login page posts multipart fields, but a file part would be
   spooled to disk); with a session, the upload limit, and at most `CXR_MAX_FILES_PER_UPLOAD` files
@@ -42,6 +43,7 @@ OPEN_PATHS = frozenset({"/", "/login", "/login/", "/theme.css", "/favicon.ico"})
 OPEN_PREFIXES = ("/assets/", "/static/")
 API_PREFIX = "/api/v1/"
 PREDICT_PATH = "/api/v1/predict"
+FEEDBACK_PATH = "/api/v1/feedback"
 LOGIN_PATHS = frozenset({"/login", "/login/"})
 # Gradio's own login page posts its two fields as multipart FormData: fields pass, a file part does not
 LOGIN_TYPES = (b"application/x-www-form-urlencoded", b"multipart/form-data")
@@ -140,8 +142,9 @@ class Gate:
         ctype = _header(scope, b"content-type").lower()
         declared = _header(scope, b"content-length")
         login = path in LOGIN_PATHS
-        small = login or not (signed_in or path == PREDICT_PATH)
-        limit = self.limits.anonymous_body_bytes if small else self.limits.signed_in_body_bytes
+        small = login or not (signed_in or path in (PREDICT_PATH, FEEDBACK_PATH))
+        limit = (self.limits.anonymous_body_bytes if small else self.limits.feedback_body_bytes
+                 if path == FEEDBACK_PATH else self.limits.signed_in_body_bytes)
         if login and scope.get("method") == "POST" and not ctype.startswith(LOGIN_TYPES):
             await _respond_json(send, 415, "the login form takes form fields only")
             return None

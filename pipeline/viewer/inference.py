@@ -3,8 +3,10 @@
 `ServedModels.analyse(file bytes)` decodes with the project's safe decoder, prepares the image exactly as
 training saw it (`fit_square` at the checkpoint's image size, the checkpoint's normalisation), and
 returns every label's probability and heatmap from one pass per model (`AllLabelCAM`), the
-predicted anatomy, and the share of each heatmap's energy inside its label's anatomy (the same
-`energy_share` the evaluation reports). Nothing is written to disk. Models are shared by all
+predicted anatomy, the share of each heatmap's energy inside its label's anatomy (the same
+`energy_share` the evaluation reports) and that share's lift over the anatomy's share of the image,
+which the shortcut warning judges (shortcut_warning.py). `analyse_image` does the same for a film
+already prepared (the review mode's, from the run's own store). Nothing is written to disk. Models are shared by all
 requests; a lock runs one analysis at a time (the CAM hooks belong to the shared modules, and two
 concurrent passes on a 2-core CPU are not faster than one after the other).
 
@@ -38,12 +40,12 @@ from pipeline.io import read_json
 from pipeline.metrics.localization import energy_share
 from pipeline.models.checkpoint import MODEL_FILE, CheckpointError, file_sha256, load_model
 from pipeline.viewer.limits import VIEWER_MAX_PIXELS
+from pipeline.viewer.shortcut_warning import anatomy_fraction, lift
 
 log = logging.getLogger(__name__)
 
 HOW_TO_TRAIN = ("No model trained yet: run `make run` (the whole cycle on the built-in phantom, about "
                 "15 minutes on 2 cores) or `dvc repro`, then reload this page.")
-SHORTCUT_SHARE = 0.5   # below this share of heatmap energy inside the label's anatomy, warn
 MIN_SIDE = 8
 
 
@@ -75,6 +77,7 @@ class ModelResult:
     probabilities: np.ndarray        # (L,)
     cams: np.ndarray                 # (L, S, S) float32 in [0, 1]
     shares: list[float | None]       # energy inside each label's anatomy (None without a U-Net)
+    lifts: list[float | None] = field(default_factory=list)  # share / the anatomy's share of the image
 
 
 @dataclass
@@ -87,6 +90,7 @@ class Analysis:
     mask: np.ndarray | None          # uint8 bit mask (S, S): 1 lungs, 2 heart
     source: dict                     # format, view, original width/height (no identifiers)
     timings_ms: dict
+    fractions: list[float | None] = field(default_factory=list)  # each label's anatomy's share of the image
 
     def order(self) -> list[int]:
         """Label indices by the served model's probability, highest first."""
@@ -250,6 +254,22 @@ class ServedModels:
                        "width": int(px.shape[1]), "height": int(px.shape[0])}
 
     def analyse(self, data: bytes, baseline: bool = True) -> Analysis:
+        return self._analyse(lambda served: self.prepare(data, served), baseline)
+
+    def analyse_image(self, image: np.ndarray, source: dict, baseline: bool = True) -> Analysis:
+        """The analysis of a film already prepared (uint8 square, as the run's store holds it), resized
+        to the served model's image size if the store's differs."""
+        def prepared(served: Served) -> tuple[np.ndarray, dict]:
+            size = int(served.meta["image_size"])
+            img = np.asarray(image, np.uint8)
+            if img.shape != (size, size):
+                import cv2
+
+                img = cv2.resize(img, (size, size), interpolation=cv2.INTER_AREA)
+            return img, source
+        return self._analyse(prepared, baseline)
+
+    def _analyse(self, prepare, baseline: bool) -> Analysis:
         t0 = time.perf_counter()
         self.load()   # a newly trained model is picked up here, before the analysis starts
         with self._lock:
@@ -258,7 +278,7 @@ class ServedModels:
             served = self.latest
             labels, thresholds = list(served.meta["labels"]), [float(t) for t in served.meta["thresholds"]]
             t1 = time.perf_counter()
-            image, source = self.prepare(data, served)   # at the image size of the model that runs
+            image, source = prepare(served)   # at the image size of the model that runs
             t2 = time.perf_counter()
             latest = self._run(served, image)
             t3 = time.perf_counter()
@@ -268,14 +288,20 @@ class ServedModels:
             t4 = time.perf_counter()
             mask = self._mask(image)
             t5 = time.perf_counter()
+        regions = self._regions(mask, labels)
+        fractions = [None if r is None else anatomy_fraction(r) for r in regions]
         for result in (latest, base):
             if result is not None:
-                result.shares = self._shares(result.cams, mask, labels)
+                shares = self._shares(result.cams, regions)
+                result.shares = [None if s is None else round(s, 4) for s in shares]
+                result.lifts = [None if s is None or f is None else round(lift(s, f), 4)
+                                for s, f in zip(shares, fractions)]
         t6 = time.perf_counter()
         ms = lambda a, b: round((b - a) * 1000, 2)  # noqa: E731
         timings = {"wait": ms(t0, t1), "decode": ms(t1, t2), "latest": ms(t2, t3), "baseline": ms(t3, t4),
                    "unet": ms(t4, t5), "shares": ms(t5, t6), "total": ms(t0, t6)}
-        return Analysis(image, labels, thresholds, latest, base, mask, source, timings)
+        return Analysis(image, labels, thresholds, latest, base, mask, source, timings,
+                        [None if f is None else round(f, 4) for f in fractions])
 
     def _run(self, served: Served, image: np.ndarray) -> ModelResult:
         x = to_model_input(image[None], served.meta.get("normalisation", NORMALISATION))
@@ -300,13 +326,16 @@ class ServedModels:
         return postprocess(mask)[0]
 
     @staticmethod
-    def _shares(cams: np.ndarray, mask: np.ndarray | None, labels: list[str]) -> list[float | None]:
-        if mask is None:
-            return [None] * len(cams)
+    def _regions(mask: np.ndarray | None, labels: list[str]) -> list[np.ndarray | None]:
+        """Each label's anatomy as a bool mask (None without a U-Net)."""
+        return [None if mask is None else decode_anatomy(mask, anatomy_of_label(label)) for label in labels]
+
+    @staticmethod
+    def _shares(cams: np.ndarray, regions: list[np.ndarray | None]) -> list[float | None]:
         out = []
-        for k, label in enumerate(labels):
-            share = energy_share(cams[k], decode_anatomy(mask, anatomy_of_label(label)))
-            out.append(None if share is None else round(float(share), 4))
+        for cam, region in zip(cams, regions):
+            share = None if region is None else energy_share(cam, region)
+            out.append(None if share is None else float(share))
         return out
 
     def forward_only(self, image: np.ndarray, baseline: bool = True) -> None:

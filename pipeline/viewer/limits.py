@@ -8,6 +8,7 @@ Every limit has a default a clinic can run with as it is; each is an environment
 | CXR_MAX_PIXELS | 20,000,000 | decoded image size (pipeline/viewer/inference.py's; a third of training's) |
 | CXR_MAX_FILES_PER_UPLOAD | 1 | file parts in one Gradio upload request |
 | CXR_ANON_BODY_BYTES | 4096 | the body of any request without a session (the login form) |
+| CXR_FEEDBACK_BODY_BYTES | 262144 | one `POST /api/v1/feedback` (JSON marks; ~100 bytes a mark) |
 | CXR_MAX_INFLIGHT | 4 | REST predicts holding an upload at once; more get 429 + Retry-After |
 | CXR_QUEUE_SIZE | 32 | Gradio UI analyses waiting in its queue; more are refused by Gradio |
 | CXR_HEADER_TIMEOUT_S | 10 | from connection (or the previous response) to a request's full headers |
@@ -51,6 +52,7 @@ class Limits:
     max_pixels: int = VIEWER_MAX_PIXELS
     files_per_upload: int = 1
     anonymous_body_bytes: int = 4096
+    feedback_body_bytes: int = 256 * 1024
     max_inflight: int = 4
     queue_size: int = 32
     header_timeout_s: float = 10.0
@@ -68,6 +70,7 @@ class Limits:
             max_pixels=int(env_number("CXR_MAX_PIXELS", d.max_pixels)),
             files_per_upload=int(env_number("CXR_MAX_FILES_PER_UPLOAD", d.files_per_upload)),
             anonymous_body_bytes=int(env_number("CXR_ANON_BODY_BYTES", d.anonymous_body_bytes)),
+            feedback_body_bytes=int(env_number("CXR_FEEDBACK_BODY_BYTES", d.feedback_body_bytes)),
             max_inflight=int(env_number("CXR_MAX_INFLIGHT", d.max_inflight)),
             queue_size=int(queue_size or env_number("CXR_QUEUE_SIZE", d.queue_size)),
             header_timeout_s=env_number("CXR_HEADER_TIMEOUT_S", d.header_timeout_s),

@@ -69,3 +69,22 @@ def anatomy_overlay(image: np.ndarray, mask: np.ndarray | None, size: int = DISP
         contours, _ = cv2.findContours(region, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
         cv2.drawContours(rgb, contours, -1, colour, 2)
     return rgb
+
+
+BOX_COLOURS = {"evidence": (40, 200, 90), "shortcut": (235, 50, 50)}
+
+
+def boxes_overlay(image: np.ndarray, boxes: list[dict], size: int = DISPLAY,
+                  corner: tuple[int, int] | None = None) -> np.ndarray:
+    """The film (RGB, size x size) with reviewers' boxes outlined (evidence green, shortcut red), boxes in
+    the film's own pixels; `corner`, a box's first corner while it is being set, as a yellow cross."""
+    rgb = np.repeat(_upscale(image, size)[..., None], 3, axis=2).copy()
+    scale = size / image.shape[-1]
+    for b in boxes:
+        x0, y0 = int(b["x"] * scale), int(b["y"] * scale)
+        x1, y1 = int((b["x"] + b["w"]) * scale) - 1, int((b["y"] + b["h"]) * scale) - 1
+        cv2.rectangle(rgb, (x0, y0), (max(x0, x1), max(y0, y1)), BOX_COLOURS.get(b.get("kind"), (255, 255, 255)), 2)
+    if corner is not None:
+        cx, cy = int((corner[0] + 0.5) * scale), int((corner[1] + 0.5) * scale)
+        cv2.drawMarker(rgb, (cx, cy), (250, 220, 40), cv2.MARKER_CROSS, 12, 2)
+    return rgb

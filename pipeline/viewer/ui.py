@@ -1,5 +1,6 @@
 """The Gradio Blocks UI: upload, per-label probabilities, heatmaps (served cycle vs cycle 0), anatomy,
-shortcut warning, model card, phantom examples.
+shortcut warning, model card, phantom examples; and, for users with the reviewer role, the review
+tab (review_ui.py), which the page shows only to them.
 
 Every picture is an inline data URI inside HTML, so Gradio writes no output image to its cache;
 the uploaded file itself (Gradio stores uploads in its private temp dir) is deleted as soon as it
@@ -18,7 +19,8 @@ from pathlib import Path
 import gradio as gr
 
 from pipeline.viewer.card import NOTICE, card_markdown
-from pipeline.viewer.inference import SHORTCUT_SHARE, Analysis, ImageError, NoModel, ServedModels, anatomy_of_label
+from pipeline.viewer.inference import Analysis, ImageError, NoModel, ServedModels, anatomy_of_label
+from pipeline.viewer.shortcut_warning import SHORTCUT_LIFT, warns
 from pipeline.viewer.examples import examples
 from pipeline.viewer.render import anatomy_overlay, data_uri, overlay
 
@@ -79,23 +81,34 @@ def _pct(v) -> str:
     return "—" if v is None else f"{100 * v:.0f}%"
 
 
-def probabilities_html(a: Analysis) -> str:
+def _lift(v) -> str:
+    return "" if v is None else f" (lift {v:.2f})"
+
+
+def label_rows(a: Analysis, extra=None) -> str:
+    """One table row per label, highest probability first; `extra(label)` adds cells at the end."""
     rows = []
     for k in a.order():
         label, p, t = a.labels[k], float(a.latest.probabilities[k]), a.thresholds[k]
-        share = a.latest.shares[k]
-        warn = " ⚠" if share is not None and share < SHORTCUT_SHARE else ""
+        warn = " ⚠" if warns(a.latest.lifts[k]) else ""
         base = (f"<td>{a.baseline.probabilities[k]:.3f}</td>" if a.baseline is not None else "")
         rows.append(f"<tr class='{'pos' if p >= t else 'neg'}' data-label='{esc(label)}'><td>{esc(label)}</td>"
                     f"<td><span class='bar' style='width:{int(80 * p)}px'></span> {p:.3f}</td><td>{t:.3f}</td>"
-                    f"<td>{'positive' if p >= t else 'negative'}</td>{base}<td>{_pct(share)}{warn}</td></tr>")
+                    f"<td>{'positive' if p >= t else 'negative'}</td>{base}"
+                    f"<td>{_pct(a.latest.shares[k])}{_lift(a.latest.lifts[k])}{warn}</td>"
+                    f"{extra(label) if extra else ''}</tr>")
     head = ("<tr><th>label</th><th>probability</th><th>threshold</th><th>call</th>"
             + (f"<th>cycle {a.baseline.cycle}</th>" if a.baseline is not None else "")
-            + "<th>heatmap in anatomy</th></tr>")
+            + "<th>heatmap in anatomy</th>")
+    return head, "".join(rows)
+
+
+def probabilities_html(a: Analysis) -> str:
+    head, rows = label_rows(a)
     src = a.source
     facts = f"{esc(src['format'].upper())}, {src['width']}×{src['height']} px" + (f", view {esc(src['view'])}" if src.get("view") else "")
     return (f"<p>Cycle {a.latest.cycle} on the uploaded image ({facts}); {a.timings_ms['total']:.0f} ms.</p>"
-            f"<table>{head}{''.join(rows)}</table>")
+            f"<table>{head}</tr>{rows}</table>")
 
 
 def heatmaps_html(a: Analysis, label: str | None) -> str:
@@ -116,18 +129,23 @@ def heatmaps_html(a: Analysis, label: str | None) -> str:
                  else "No anatomy model (U-Net) found", "anatomy"))
     body = "".join(f"<figure id='{fid}'><img alt='{esc(alt)} heatmap for {esc(label)}' src='{data_uri(img)}'>"
                    f"<figcaption>{esc(cap)}</figcaption></figure>" for alt, img, cap, fid in figs)
+    lift, fraction = a.latest.lifts[k], a.fractions[k]
     if a.mask is None:
         verdict = "<p>No anatomy model (U-Net) was found, so there is no in-anatomy share.</p>"
+    elif fraction is None:
+        verdict = f"<p>The anatomy model found no {anatomy} on this film, so there is no in-anatomy share.</p>"
     elif share is None:
         verdict = f"<p>The heatmap for <i>{esc(label)}</i> is empty: the model found no positive evidence for it.</p>"
-    elif share < SHORTCUT_SHARE:
+    elif warns(lift):
         verdict = (f"<div class='cxr-warn' id='shortcut-warning'><b>⚠ Possible shortcut.</b> Only {_pct(share)} of "
-                   f"the heatmap's energy for <i>{esc(label)}</i> lies inside the {anatomy}, where this finding's "
-                   "evidence lives. The model may be reading something else (a marker, text, the film's edge): "
-                   "do not trust this score without looking.</div>")
+                   f"the heatmap's energy for <i>{esc(label)}</i> lies inside the {anatomy}, which covers "
+                   f"{_pct(fraction)} of the image (lift {lift:.2f}, below {SHORTCUT_LIFT:g}: less than an even "
+                   "spread would put there). The model may be reading something else (a marker, text, the film's "
+                   "edge): do not trust this score without looking.</div>")
     else:
         verdict = (f"<p class='cxr-ok' id='anatomy-ok'>{_pct(share)} of the heatmap's energy for "
-                   f"<i>{esc(label)}</i> lies inside the {anatomy}.</p>")
+                   f"<i>{esc(label)}</i> lies inside the {anatomy}, which covers {_pct(fraction)} of the image "
+                   f"(lift {lift:.2f}).</p>")
     return (f"<h4 id='heatmap-title'>Heatmaps for {esc(label)}</h4>{verdict}<div class='cxr-figs'>{body}</div>"
             "<p><small>A heatmap shows where the model's evidence lies; it is not a lesion outline.</small></p>")
 
@@ -136,7 +154,8 @@ UNREADABLE = "**Cannot read the uploaded file.**"
 
 
 def build_ui(models: ServedModels, card_fn, title: str = "CXR refine — viewer", *, max_bytes: int = 20 << 20,
-             delete_cache: tuple[int, int] | None = None) -> gr.Blocks:
+             delete_cache: tuple[int, int] | None = None, users=None, films=None) -> gr.Blocks:
+    """The page; with `users` and `films` (a review.ReviewFilms), the review tab for reviewers."""
     example_list = examples()
     example_titles = {e.title: e for e in example_list}
 
@@ -187,18 +206,25 @@ def build_ui(models: ServedModels, card_fn, title: str = "CXR refine — viewer"
     with gr.Blocks(title=title, analytics_enabled=False, delete_cache=delete_cache) as demo:
         gr.Markdown(f"## Chest X-ray viewer\n<p class='cxr-notice'>{esc(NOTICE)}</p>")
         state = gr.State(None)
-        with gr.Row():
-            with gr.Column(scale=1):
-                upload = gr.File(label="Chest X-ray: PNG, JPEG or DICOM", type="filepath", file_count="single",
-                                 elem_id="upload")
-                example = gr.Dropdown(choices=list(example_titles), value=None, label="…or try a phantom example",
-                                      elem_id="examples", interactive=True)
-                message = gr.Markdown("", elem_id="message")
-                status = gr.Markdown("", elem_id="status")
-            with gr.Column(scale=2):
-                probs = gr.HTML("", elem_id="probs")
-        label = gr.Radio(choices=[], label="Heatmap for label", elem_id="label-select", interactive=True)
-        heatmaps = gr.HTML("", elem_id="heatmaps")
+        with gr.Tabs(elem_id="tabs"):
+            with gr.Tab("Predict", id="predict", elem_id="predict-tab"):
+                with gr.Row():
+                    with gr.Column(scale=1):
+                        upload = gr.File(label="Chest X-ray: PNG, JPEG or DICOM", type="filepath", file_count="single",
+                                         elem_id="upload")
+                        example = gr.Dropdown(choices=list(example_titles), value=None,
+                                              label="…or try a phantom example", elem_id="examples", interactive=True)
+                        message = gr.Markdown("", elem_id="message")
+                        status = gr.Markdown("", elem_id="status")
+                    with gr.Column(scale=2):
+                        probs = gr.HTML("", elem_id="probs")
+                label = gr.Radio(choices=[], label="Heatmap for label", elem_id="label-select", interactive=True)
+                heatmaps = gr.HTML("", elem_id="heatmaps")
+            review = None
+            if users is not None and films is not None:
+                from pipeline.viewer.review_ui import review_tab
+
+                review = review_tab(films, users)
         with gr.Accordion("Model card", open=False, elem_id="model-card-box"):
             card = gr.Markdown("", elem_id="model-card")
         outputs = [state, probs, label, heatmaps, message]
@@ -208,4 +234,7 @@ def build_ui(models: ServedModels, card_fn, title: str = "CXR refine — viewer"
                       api_visibility="private")
         label.change(on_label, inputs=[label, state], outputs=heatmaps, queue=False, api_visibility="private")
         demo.load(status_and_card, outputs=[status, card, label], queue=False, api_visibility="private")
+        if review is not None:
+            tab, on_open, shown = review
+            demo.load(on_open, outputs=[tab, *shown], concurrency_id="analyse", api_visibility="private")
     return demo
