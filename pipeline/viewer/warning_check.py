@@ -1,0 +1,170 @@
+"""How often the viewer's shortcut warning fires on a run's test films, and whether it fires when it should.
+
+    python -m pipeline.viewer.warning_check --root .     # after `make run`; prints JSON
+
+Every test film of the run goes through the viewer's own analysis (`ServedModels.analyse_image`: the
+served model, cycle 0 beside it, the U-Net's anatomy), and the rule of shortcut_warning.py is applied
+to each positive call (probability at or above that model's threshold). Two rates answer the two
+questions the warning exists for:
+
+- `served.warned_share`: the share of the served (refined) model's positive calls that warn. A model
+  that looks at the anatomy should rarely warn (the target is below 10 %);
+- `cycle0.on_marker.warned_share`: among cycle 0's positive calls whose heatmap peak lies on a
+  shortcut marker (within evaluate.pointing_tolerance_px), the share that warn. A warning that
+  means something fires on most of them.
+
+Markers: with the shortcut audit on, the audit's recorded boxes (Paths.audit_markers); on the
+phantom, the manifest's `marker_<label>` flags say which film carries which marker and the marker is
+found in its corner (`phantom_marker_box`: the "R" letter top-left, the square token top-right, both
+drawn far brighter than anything else in the film's top corners). Other datasets have no markers,
+and only the first rate is measured.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from pipeline.config import Paths, load_params
+from pipeline.data.store import ArrayStore
+from pipeline.metrics.localization import pointing_game_hit
+from pipeline.viewer.inference import ServedModels
+from pipeline.viewer.shortcut_warning import RULE, SHORTCUT_LIFT, warns
+
+log = logging.getLogger(__name__)
+
+MARKER_MIN = 112          # uint8: phantom marker pixels stay above ~120 after blur; the film's top corners below ~100
+MARKER_CORNERS = {"letter": "left", "token": "right"}
+
+
+def phantom_marker_box(image: np.ndarray, corner: str) -> tuple[int, int, int, int] | None:
+    """(x, y, w, h) of the bright marker in the top-`corner` quarter of a phantom film, None if there is none."""
+    side = image.shape[-1]
+    q = max(2, side // 4)
+    x0 = 0 if corner == "left" else side - q
+    ys, xs = np.nonzero(image[:q, x0:x0 + q] >= MARKER_MIN)
+    if not len(ys):
+        return None
+    return int(xs.min() + x0), int(ys.min()), int(xs.max() - xs.min() + 1), int(ys.max() - ys.min() + 1)
+
+
+def marker_masks(paths: Paths, params, frame: pd.DataFrame, images: np.ndarray) -> list[np.ndarray | None]:
+    """A bool mask of every marker on each film of `frame` (rows of the manifest), None where it has none."""
+    side = images.shape[-1]
+    boxes: list[list[tuple]] = [[] for _ in range(len(frame))]
+    if params.audit.enabled and paths.audit_markers.is_file():
+        markers = pd.read_parquet(paths.audit_markers).set_index("image_id")
+        for k, iid in enumerate(frame["image_id"]):
+            if iid in markers.index and bool(markers.at[iid, "drawn"]):
+                r = markers.loc[iid]
+                boxes[k].append((int(r["x"]), int(r["y"]), int(r["w"]), int(r["h"])))
+    if params.data.source == "phantom":
+        from pipeline.data.phantom import SHORTCUT_MARKERS
+
+        for label, kind in SHORTCUT_MARKERS.items():
+            column = f"marker_{label}"
+            if column not in frame.columns:
+                continue
+            for k, drawn in enumerate(frame[column].fillna(0).astype(int)):
+                box = phantom_marker_box(images[k], MARKER_CORNERS[kind]) if drawn else None
+                if box is not None:
+                    boxes[k].append(box)
+    out = []
+    for film_boxes in boxes:
+        if not film_boxes:
+            out.append(None)
+            continue
+        mask = np.zeros((side, side), bool)
+        for x, y, w, h in film_boxes:
+            mask[y:y + h, x:x + w] = True
+        out.append(mask)
+    return out
+
+
+def _rate(flags: list[bool]) -> dict:
+    return {"calls": len(flags), "warned": int(sum(flags)),
+            "warned_share": round(float(np.mean(flags)), 4) if flags else None}
+
+
+def measure(root: str | Path, split: str = "test", limit: int | None = None) -> dict:
+    """The warning's rates on `split`'s films of the run at `root` (see the module docstring)."""
+    root = Path(root).resolve()
+    base_paths = Paths(root)
+    params = load_params(base_paths.params)
+    paths = Paths(root, audit=params.audit.enabled)
+    manifest = pd.read_parquet(paths.manifest)
+    rows = np.flatnonzero(manifest["split"].to_numpy() == split)[:limit]
+    frame = manifest.iloc[rows].reset_index(drop=True)
+    images = ArrayStore(paths.images).read(rows)
+    markers = marker_masks(paths, params, frame, images)
+    models = ServedModels(root)
+    models.load()
+    served, base = models.latest, models.baseline
+    if models.unet is None:
+        raise SystemExit("error: no anatomy U-Net in this run: the warning needs it")
+    base_thresholds = np.asarray(base.meta["thresholds"], float) if base is not None else None
+    tolerance = params.evaluate.pointing_tolerance_px
+    served_flags, served_marker_flags, base_flags, base_marker_flags = [], [], [], []
+    for k, image in enumerate(images):
+        a = models.analyse_image(image, {"format": "prepared", "view": None, "width": image.shape[1],
+                                         "height": image.shape[0]})
+        mask = markers[k]
+        for result, thresholds, flags, marker_flags in (
+                (a.latest, np.asarray(a.thresholds), served_flags, served_marker_flags),
+                (a.baseline, base_thresholds, base_flags, base_marker_flags)):
+            if result is None:
+                continue
+            for j in np.flatnonzero(result.probabilities >= thresholds):
+                warned = warns(result.lifts[j])
+                if warned is None:
+                    continue   # an empty heatmap or no anatomy: nothing to judge
+                flags.append(warned)
+                if mask is not None and pointing_game_hit(result.cams[j], _fit(mask, result.cams[j].shape), tolerance):
+                    marker_flags.append(warned)
+    out = {"root": str(root), "split": split, "films": len(frame),
+           "films_with_markers": int(sum(m is not None for m in markers)), "rule": RULE, "lift_below": SHORTCUT_LIFT,
+           "served": {"cycle": served.cycle, **_rate(served_flags), "on_marker": _rate(served_marker_flags)}}
+    if base is not None:
+        out["cycle0"] = {"cycle": base.cycle, **_rate(base_flags), "on_marker": _rate(base_marker_flags)}
+    return out
+
+
+def _fit(mask: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """The marker mask at the heatmap's size (the store's and the model's sizes may differ)."""
+    if mask.shape == tuple(shape):
+        return mask
+    import cv2
+
+    return cv2.resize(mask.astype(np.uint8), shape[::-1], interpolation=cv2.INTER_NEAREST) > 0
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m pipeline.viewer.warning_check",
+                                     description="How often the viewer's shortcut warning fires on a run's films.")
+    parser.add_argument("--root", default=".", help="the project (after `make run` or `dvc repro`)")
+    parser.add_argument("--split", default="test", help="the manifest split to measure (default: test)")
+    parser.add_argument("--limit", type=int, default=None, help="only the split's first N films")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    result = measure(args.root, args.split, args.limit)
+    sys.stdout.write(json.dumps(result, indent=2) + "\n")
+    served, base = result["served"], result.get("cycle0")
+    sys.stderr.write(f"served cycle {served['cycle']}: warns on {served['warned']} of {served['calls']} positive "
+                     f"calls ({_pct(served['warned_share'])}; target < 10 %)\n")
+    if base is not None:
+        on = base["on_marker"]
+        sys.stderr.write(f"cycle {base['cycle']}: warns on {on['warned']} of {on['calls']} positive calls whose "
+                         f"heatmap peak lies on a marker ({_pct(on['warned_share'])}; target: most)\n")
+
+
+def _pct(v) -> str:
+    return "—" if v is None else f"{100 * v:.0f} %"
+
+
+if __name__ == "__main__":
+    main()
