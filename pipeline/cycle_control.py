@@ -10,7 +10,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from pipeline.config import FlowParams
+from pipeline.config import FlowParams, Params, Paths
+from pipeline.io import read_json
+
+# a cycle the stop rule skipped: its metrics/scores hold {"cycle": k, STOPPED: why} and its other
+# outputs are placeholders (pipeline/stages/common.py `skip_if_stopped`), so every stage of dvc.yaml
+# ran and `dvc status` stays clean after an early stop
+STOPPED = "stopped"
 
 
 @dataclass
@@ -44,3 +50,19 @@ def decide(history: list[dict], rule: FlowParams) -> Decision:
             return Decision(True, f"localisation gained less than {rule.min_gain} for {rule.patience} "
                                   f"cycle(s) by cycle {m['cycle']}", serve)
     return Decision(False, None, serve)
+
+
+def stop_reason_before(params: Params, paths: Paths, cycle: int) -> str | None:
+    """Why `cycle` does not run: the stop rule fired on the cycles evaluated before it, or one of them
+    was itself skipped. None: it runs. Every per-cycle stage asks this first, so `dvc repro` and the
+    Prefect flow stop at the same cycle, and a stopped run leaves nothing for DVC to run."""
+    history = []
+    for k in params.cycle_ids():
+        if k == cycle:
+            break
+        metrics = read_json(paths.cycle_metrics(k))
+        if metrics.get(STOPPED):
+            return metrics[STOPPED]
+        history.append(metrics)
+    decision = decide(history, params.flow)
+    return decision.reason if decision.stop else None

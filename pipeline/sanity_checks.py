@@ -22,9 +22,10 @@ its cycle evaluated (sha256 in scores.json).
 Models run on `compute.device`; probabilities under `compute.precision`, heatmaps in fp32
 (pipeline/cam/all_labels.py), so the rank correlations do not move with the precision.
 
-The twin's training state is kept in models/.resume/sanity (keyed by everything the twin depends
-on): when only the refinement cycles changed, a rerun compares against the kept twin instead of
-training it again.
+The twin is its own DVC stage, `sanity_twin` (models/sanity_twin, run after train_baseline): it
+depends on cycle 0's recipe and the films, not on the refinement cycles, so DVC's cache, run-cache
+and remotes carry it and a change to the cycles compares against the same twin. The `sanity` stage
+loads it and refuses one trained for other params or films (`twin_identity`).
 """
 from __future__ import annotations
 
@@ -34,17 +35,19 @@ import time
 
 import numpy as np
 import pandas as pd
+import torch
+from torch import nn
 
 from pipeline.cam.all_labels import AllLabelCAM
 from pipeline.compute import Compute
 from pipeline.config import Params, Paths
 from pipeline.cycle_control import decide
 from pipeline.data.dataset import iterate_batches, predict
-from pipeline.data.manifest import label_matrix, rows
+from pipeline.data.manifest import label_matrix, resolve_labels, rows
 from pipeline.data.store import ArrayStore
 from pipeline.metrics.classification import classification_metrics
-from pipeline.metrics.sanity import SANITY_MAX, label_permutation
-from pipeline.models.checkpoint import file_sha256, load_model
+from pipeline.metrics.sanity import SANITY_MAX, compare_with_twin, permute_labels
+from pipeline.models.checkpoint import MODEL_FILE, file_sha256, load_model
 from pipeline.models.freeze import apply_trainable
 from pipeline.report import load_cycles
 from pipeline.training import Rows, baseline_model, baseline_spec, run_options, start_fingerprint, train_classifier
@@ -104,38 +107,36 @@ def run_sanity_checks(params: Params, paths: Paths, last_cycle: int | None = Non
     return out
 
 
-def _label_permutation(params: Params, paths: Paths, cycles: list[dict], serve: int, n_images: int) -> dict:
+def twin_identity(params: Params, paths: Paths, labels: list[str]) -> dict:
+    """Everything the twin depends on: its recipe (cycle 0's, with `sanity.epochs`), starting point,
+    permutation, precision and the films. The sanity stage refuses a twin whose identity differs."""
+    tp, sp = params.train, params.sanity
+    data_hash = hashlib.sha256(paths.images.joinpath("index.json").read_bytes() + paths.manifest.read_bytes()
+                               ).hexdigest()[:16]
+    extra = {"twin": "label_permutation", "permutation_seed": sp.seed, "data": data_hash,
+             **start_fingerprint(tp.arch, tp.model_kwargs, labels, tp.weights),
+             "image_size": params.data.image_size, "trainable": [tp.trainable_last_n, tp.trainable_blocks]}
+    spec = baseline_spec(tp, sp.epochs)
+    return {"fingerprint": spec.fingerprint(extra), "extra": extra, "epochs": spec.epochs,
+            "precision": params.compute.precision}
+
+
+def train_twin(params: Params, paths: Paths) -> tuple[nn.Module, dict]:
+    """Stage `sanity_twin`: cycle 0's recipe (pipeline.training) on the training labels permuted among the
+    images, its last epoch kept; the val labels it is scored on while training are permuted too.
+
+    Returns (twin, checkpoint metadata): besides what load_model needs, `twin` holds its AUROC and
+    loss on the true val labels next to the untrained network's and the label rates' (the module
+    docstring says why), and `identity` what it was trained for."""
     sp, tp = params.sanity, params.train
     compute = Compute.from_params(params.compute)
-    labels = cycles[0]["labels"]
-    references, arch = {}, None
-    for c in cycles:
-        k = c["cycle"]
-        weights = paths.model(k) / "model.safetensors"
-        if file_sha256(weights) != c["model"]["sha256"]:
-            raise ValueError(f"models/c{k} is not the checkpoint cycle {k} evaluated; re-run evaluate@c{k}")
-        model, meta = load_model(paths.model(k), compute.device)
-        if meta["labels"] != labels:
-            raise ValueError(f"cycle {k}: labels {meta['labels']} differ from cycle 0's {labels}")
-        references[f"c{k}"], arch = model, meta["arch"]
-        if k == 0 and (meta["arch"] != tp.arch or meta.get("model_kwargs", {}) != tp.model_kwargs):
-            raise ValueError(f"models/c0 is a {meta['arch']} {meta.get('model_kwargs', {})}, params say "
-                             f"{tp.arch} {tp.model_kwargs}; re-run train_baseline first")
-
     manifest = pd.read_parquet(paths.manifest)
+    labels = resolve_labels(params.data.labels, manifest)
     images = ArrayStore(paths.images)
     y = label_matrix(manifest, labels)
     train_rows, val_rows = rows(manifest, "train"), rows(manifest, "val")
-    test_idx = rows(manifest, "test")[:n_images]
-    if len(test_idx) == 0:
-        raise ValueError("the manifest has no test images to compare heatmaps on")
-    x = next(iterate_batches(images, test_idx, None, len(test_idx)))[0]
-    spec = baseline_spec(tp, sp.epochs)
-    data_hash = hashlib.sha256((paths.images / "index.json").read_bytes() + paths.manifest.read_bytes()
-                               ).hexdigest()[:16]
-
     y_val = y[val_rows]
-    prevalence = np.nanmean(y[train_rows], axis=0)  # a model that learned no more than the label rates
+    identity = twin_identity(params, paths, labels)
 
     def val_scores(model) -> dict:
         """AUROC (macro, per label) and loss on the true val labels."""
@@ -144,37 +145,83 @@ def _label_permutation(params: Params, paths: Paths, cycles: list[dict], serve: 
         return {"auroc": m["auroc_macro"], "loss": _bce(y_val, probs),
                 "per_label": {lab: m["per_label"][lab]["auroc"] for lab in labels}}
 
-    def train_twin(permuted: dict[str, np.ndarray]):
-        """Cycle 0's recipe on permuted labels (pipeline.training), its last epoch kept; val labels permuted too."""
-        t0 = time.perf_counter()
-        twin = baseline_model(tp, labels, params.data.image_size)
-        untrained = val_scores(twin)  # the same network before training: what image statistics alone give
-        apply_trainable(twin, tp.trainable_last_n, tp.trainable_blocks)
-        train_classifier(
-            twin, spec, labels, Rows(images, train_rows, permuted["train"]), Rows(images, val_rows, permuted["val"]),
-            paths.sanity_resume,
-            fingerprint_extra={"twin": "label_permutation", "permutation_seed": sp.seed, "data": data_hash,
-                               **start_fingerprint(tp.arch, tp.model_kwargs, labels, tp.weights),
-                               "image_size": params.data.image_size,
-                               "trainable": [tp.trainable_last_n, tp.trainable_blocks]},
-            keep_last=True, **run_options(params))
-        trained = val_scores(twin)
-        base_loss = _bce(y_val, np.broadcast_to(prevalence, y_val.shape))
-        log.info("label-permutation twin: %d epochs in %.1f s; on the true val labels AUROC %s (untrained %s), "
-                 "loss %s (label rates alone %s)", spec.epochs, time.perf_counter() - t0, _f(trained["auroc"]),
-                 _f(untrained["auroc"]), _f(trained["loss"]), _f(base_loss))
-        return twin, {"twin_val_auroc": trained["auroc"], "untrained_val_auroc": untrained["auroc"],
-                      "twin_val_loss": trained["loss"], "prevalence_val_loss": base_loss,
-                      "twin_val_auroc_per_label": trained["per_label"],
-                      "untrained_val_auroc_per_label": untrained["per_label"]}
+    t0 = time.perf_counter()
+    permuted = permute_labels({"train": y[train_rows], "val": y_val}, sp.seed)
+    twin = baseline_model(tp, labels, params.data.image_size)
+    untrained = val_scores(twin)  # the same network before training: what image statistics alone give
+    apply_trainable(twin, tp.trainable_last_n, tp.trainable_blocks)
+    train_classifier(twin, baseline_spec(tp, sp.epochs), labels, Rows(images, train_rows, permuted["train"]),
+                     Rows(images, val_rows, permuted["val"]), paths.sanity_resume,
+                     fingerprint_extra=identity["extra"], keep_last=True, **run_options(params))
+    trained = val_scores(twin)
+    base_loss = _bce(y_val, np.broadcast_to(np.nanmean(y[train_rows], axis=0), y_val.shape))  # label rates alone
+    log.info("label-permutation twin: %d epochs in %.1f s; on the true val labels AUROC %s (untrained %s), "
+             "loss %s (label rates alone %s)", identity["epochs"], time.perf_counter() - t0, _f(trained["auroc"]),
+             _f(untrained["auroc"]), _f(trained["loss"]), _f(base_loss))
+    info = {"twin_val_auroc": trained["auroc"], "untrained_val_auroc": untrained["auroc"],
+            "twin_val_loss": trained["loss"], "prevalence_val_loss": base_loss,
+            "twin_val_auroc_per_label": trained["per_label"], "untrained_val_auroc_per_label": untrained["per_label"]}
+    meta = {"arch": tp.arch, "labels": labels, "model_kwargs": dict(tp.model_kwargs),
+            "image_size": params.data.image_size, "twin": info, "identity": identity}
+    return twin.cpu(), meta
+
+
+def load_twin(params: Params, paths: Paths, labels: list[str], device) -> tuple[nn.Module, dict]:
+    """The twin stage `sanity_twin` trained, if it was trained for these params, films and labels."""
+    weights = paths.sanity_twin / MODEL_FILE
+    if not weights.is_file():
+        raise ValueError(f"{paths.sanity_twin} holds no trained twin (sanity.label_permutation was off when "
+                         "it ran); run `dvc repro sanity_twin`")
+    twin, meta = load_model(weights, device)
+    expected = twin_identity(params, paths, labels)
+    if meta.get("identity", {}).get("fingerprint") != expected["fingerprint"] or meta.get("labels") != labels:
+        raise ValueError(f"{paths.sanity_twin} was trained for other params, films or labels; "
+                         "run `dvc repro sanity_twin`")
+    return twin, meta
+
+
+def cycle_models(params: Params, paths: Paths, cycles: list[dict], device) -> tuple[dict[str, nn.Module], str]:
+    """Every evaluated cycle's model ({"c0": ..., ...}) and the architecture, each checked to be the
+    checkpoint its cycle evaluated (sha256 in scores.json) with cycle 0's labels."""
+    tp, labels = params.train, cycles[0]["labels"]
+    models, arch = {}, None
+    for c in cycles:
+        k = c["cycle"]
+        weights = paths.model(k) / MODEL_FILE
+        if file_sha256(weights) != c["model"]["sha256"]:
+            raise ValueError(f"{paths.model(k)} is not the checkpoint cycle {k} evaluated; re-run evaluate@c{k}")
+        model, meta = load_model(paths.model(k), device)
+        if meta["labels"] != labels:
+            raise ValueError(f"cycle {k}: labels {meta['labels']} differ from cycle 0's {labels}")
+        models[f"c{k}"], arch = model, meta["arch"]
+        if k == 0 and (meta["arch"] != tp.arch or meta.get("model_kwargs", {}) != tp.model_kwargs):
+            raise ValueError(f"{paths.model(0)} is a {meta['arch']} {meta.get('model_kwargs', {})}, params say "
+                             f"{tp.arch} {tp.model_kwargs}; re-run train_baseline first")
+    return models, arch
+
+
+def sanity_images(paths: Paths, n_images: int) -> torch.Tensor:
+    """The first `n_images` test films, as the model takes them: the heatmaps are compared on these."""
+    manifest = pd.read_parquet(paths.manifest)
+    test_idx = rows(manifest, "test")[:n_images]
+    if len(test_idx) == 0:
+        raise ValueError("the manifest has no test images to compare heatmaps on")
+    return next(iterate_batches(ArrayStore(paths.images), test_idx, None, len(test_idx)))[0]
+
+
+def _label_permutation(params: Params, paths: Paths, cycles: list[dict], serve: int, n_images: int) -> dict:
+    """Every cycle's heatmaps against the twin's; the verdict is the served cycle's."""
+    device = Compute.from_params(params.compute).device
+    references, arch = cycle_models(params, paths, cycles, device)
+    twin, meta = load_twin(params, paths, cycles[0]["labels"], device)
 
     def cam_fn(model, batch):
         return AllLabelCAM(model, arch, params.cam.method)(batch)
 
-    res = label_permutation(references, x, cam_fn, train_twin,
-                            {"train": y[train_rows], "val": y[val_rows]}, seed=sp.seed)
+    res = compare_with_twin(references, sanity_images(paths, n_images), cam_fn, twin, meta["twin"],
+                            seed=params.sanity.seed)
     rho = res["rank_corr"][f"c{serve}"]
     passed, reason = _verdict(rho, serve, "label permutation")
     return {"cycle": serve, "rank_corr": rho, "passed": passed, "reason": reason,
             "n_maps": res["n_maps"][f"c{serve}"], "by_cycle": res["rank_corr"],
-            "epochs": spec.epochs, "seed": sp.seed, **res["twin"]}
+            "epochs": meta["identity"]["epochs"], "seed": params.sanity.seed, **res["twin"]}

@@ -226,7 +226,8 @@ def flow_order(stages) -> list[str]:
     """The order flows/refine.py runs stages in (a topological order of dvc.yaml), then any others."""
     cycles = sorted({int(s.split("@c")[1]) for s in stages if "@c" in s})
     order = ["prepare", "segment", "audit", "train_baseline", "evaluate_baseline",
-             *[f"{s}@c{k}" for k in cycles for s in ("cam", "enhance", "train", "evaluate")], "sanity", "report"]
+             *[f"{s}@c{k}" for k in cycles for s in ("cam", "enhance", "train", "evaluate")], "sanity_twin", "sanity",
+             "report"]
     return [s for s in order if s in stages] + [s for s in stages if s not in order]
 
 
@@ -238,7 +239,8 @@ def kill_plan(stages: list[str], cmds: dict[str, str], store_stages: set[str], r
     flow_at = set(rng.sample([s for s in stages if s != "train_baseline"], 4))  # that one starts with plain training
     plan: list[Kill] = []
     for stage in stages:
-        is_train = "pipeline.stages.train " in cmds[stage] + " "
+        # the stages that train write resume points: cycle 0, the fine-tunes and the permuted-label twin
+        is_train = any(f"pipeline.stages.{name} " in cmds[stage] + " " for name in ("train", "sanity_twin"))
         if stage == "train_baseline":
             plan.append(Kill(stage, "direct", "resume"))
         plan.append(Kill(stage, "flow" if stage in flow_at else "dvc", "random"))

@@ -136,22 +136,28 @@ def permute_labels(targets: Mapping[str, np.ndarray], seed: int) -> dict[str, np
 def label_permutation(references: Mapping[str, nn.Module], images: torch.Tensor, cam_fn: CamFn,
                       train_fn: TrainFn, targets: Mapping[str, np.ndarray], seed: int = 0,
                       max_corr: float = SANITY_MAX) -> dict:
-    """The data randomisation test: CAMs of models trained on true labels vs a twin trained on permuted ones.
+    """The data randomisation test in one call: `train_fn(permute_labels(targets, seed))` trains the
+    twin (same architecture, init recipe and epochs as the references' baseline) and returns
+    `(twin, info)`; this module never sees how. Then `compare_with_twin`."""
+    twin, info = train_fn(permute_labels(targets, seed))
+    return compare_with_twin(references, images, cam_fn, twin, info, seed, max_corr)
 
-    `train_fn(permuted)` trains the twin (same architecture, init recipe and epochs as the
-    references' baseline) on `permute_labels(targets, seed)` and returns `(twin, info)`; this module
-    never sees how. Each reference's CAMs on `images` are rank-correlated with the twin's; a
-    reference passes when the correlation is below `max_corr` and at least one map pair was
-    informative (a twin whose maps are all constant proves nothing). References keep their weights
-    and train/eval flags.
+
+def compare_with_twin(references: Mapping[str, nn.Module], images: torch.Tensor, cam_fn: CamFn, twin: nn.Module,
+                      info: Mapping | None = None, seed: int = 0, max_corr: float = SANITY_MAX) -> dict:
+    """CAMs of models trained on true labels vs those of a twin trained on permuted ones.
+
+    Each reference's CAMs on `images` are rank-correlated with the twin's; a reference passes when
+    the correlation is below `max_corr` and at least one map pair was informative (a twin whose
+    maps are all constant proves nothing). References keep their weights and train/eval flags.
 
     Returns {"seed", "max", "rank_corr": {name: rho}, "n_maps": {name: informative pairs},
     "passed": {name: bool}, "twin": info}.
     """
-    twin, info = train_fn(permute_labels(targets, seed))
     twin.eval()
     twin_cams = _cams(twin, images, cam_fn)
-    out: dict = {"seed": seed, "max": max_corr, "rank_corr": {}, "n_maps": {}, "passed": {}, "twin": dict(info)}
+    out: dict = {"seed": seed, "max": max_corr, "rank_corr": {}, "n_maps": {}, "passed": {},
+                 "twin": dict(info or {})}
     for name, model in references.items():
         was_training = model.training
         model.eval()

@@ -7,13 +7,15 @@ from pipeline.cam.store import write_cams
 from pipeline.data.manifest import rows
 from pipeline.engine import open_engine
 from pipeline.models.checkpoint import MODEL_FILE, read_meta
-from pipeline.stages.common import cycle_arg, stage_main
+from pipeline.stages.common import cycle_arg, skip_if_stopped, stage_main
 
 log = logging.getLogger(__name__)
 
 
 def run(params, paths, args) -> None:
     k = args.cycle
+    if skip_if_stopped(params, paths, k, [paths.cams(k)]):
+        return
     prev = params.cycles[f"c{k}"].prev
     idx = rows(pd.read_parquet(paths.manifest), "train")
     if not len(idx):

@@ -16,8 +16,15 @@ import os
 import sys
 from typing import Callable
 
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
 from pipeline.compute import set_threads
 from pipeline.config import ConfigError, Params, Paths, load_params
+from pipeline.cycle_control import STOPPED, stop_reason_before
+from pipeline.io import atomic_path, write_json, write_text
 
 DVC_STAGE = "DVC_STAGE"  # dvc sets it for every stage command it runs: the stage's address
 
@@ -67,3 +74,31 @@ def stage_cycle(name: str, cycle: int | None, params: Params, address: str | Non
         raise ConfigError(f"${DVC_STAGE}={address!r}: {key!r} is not a cycle of params.yaml "
                           f"(cycles: {', '.join(params.cycles) or 'none'})")
     return params.cycles[key].id
+
+
+def skip_if_stopped(params: Params, paths: Paths, cycle: int, outs: list[Path]) -> bool:
+    """True when the stop rule skipped `cycle` (cycle_control.stop_reason_before); its `outs` (the
+    stage's dvc.yaml outputs) are then placeholders: a folder holds stopped.json, a JSON file says
+    why, a CSV is empty, an .npz holds no array, a PNG is one black pixel, so DVC records the stage as run."""
+    reason = stop_reason_before(params, paths, cycle)
+    if reason is None:
+        return False
+    marker = {"cycle": cycle, STOPPED: reason}
+    for out in outs:
+        if out.suffix == ".json":
+            write_json(out, marker)
+        elif out.suffix == ".csv":
+            write_text(out, "")
+        elif out.suffix == ".npz":
+            with atomic_path(out) as tmp, open(tmp, "wb") as fh:
+                np.savez(fh)
+        elif out.suffix == ".png":
+            with atomic_path(out) as tmp:
+                Image.new("L", (1, 1)).save(tmp, format="PNG")
+        elif not out.suffix:
+            out.mkdir(parents=True, exist_ok=True)
+            write_json(out / "stopped.json", marker)
+        else:
+            raise ValueError(f"no placeholder for {out} of the stopped cycle {cycle}")
+    logging.getLogger(__name__).info("cycle %d skipped: %s", cycle, reason)
+    return True

@@ -12,7 +12,7 @@ from pipeline.data.store import ArrayStore
 from pipeline.engine import open_engine
 from pipeline.enhance import LABEL_BLIND, apply_plan, class_separability, enhance
 from pipeline.io import write_json
-from pipeline.stages.common import cycle_arg, stage_main
+from pipeline.stages.common import cycle_arg, skip_if_stopped, stage_main
 
 log = logging.getLogger(__name__)
 SEPARABILITY_SAMPLE = 1000
@@ -20,6 +20,8 @@ SEPARABILITY_SAMPLE = 1000
 
 def run(params, paths, args) -> None:
     k, p = args.cycle, params.enhance
+    if skip_if_stopped(params, paths, k, [paths.enhanced(k), paths.enhance_figures(k), paths.enhance_stats(k)]):
+        return
     manifest = pd.read_parquet(paths.manifest)
     labels = resolve_labels(params.data.labels, manifest)
     train_idx, val_idx = rows(manifest, "train"), rows(manifest, "val")

@@ -8,15 +8,10 @@ log = logging.getLogger(__name__)
 
 
 def run(params, paths, args) -> None:
-    result = build_report(params, paths, stop_reason=args.stop_reason, last_cycle=args.last_cycle)
+    result = build_report(params, paths)
     log.info("per-cycle results (unmodified test images):\n%s\n%s", format_table(result["cycles"]),
              "\n".join(sanity_lines(result["sanity"])))
 
 
-def _args(parser) -> None:
-    parser.add_argument("--stop-reason", default=None, help="set by the Prefect flow when it stopped early")
-    parser.add_argument("--last-cycle", type=int, default=None, help="ignore evaluated cycles after this one")
-
-
 if __name__ == "__main__":
-    stage_main("report", run, _args)
+    stage_main("report", run)

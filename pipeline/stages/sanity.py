@@ -15,7 +15,7 @@ def _fmt(check: dict, key: str) -> str:
 
 
 def run(params, paths, args) -> None:
-    result = run_sanity_checks(params, paths, last_cycle=args.last_cycle)
+    result = run_sanity_checks(params, paths)
     write_json(paths.sanity, result)
     log.info("saliency sanity of cycle %d: cascading randomisation %s; label permutation %s",
              result["served_cycle"], _fmt(result["cascading_randomization"], "final_rank_corr"),
@@ -25,10 +25,5 @@ def run(params, paths, args) -> None:
             log.warning("saliency sanity check failed: %s", result[check]["reason"])
 
 
-def _args(parser) -> None:
-    parser.add_argument("--last-cycle", type=int, default=None, help="ignore evaluated cycles after this one "
-                        "(set by the Prefect flow when it stopped early)")
-
-
 if __name__ == "__main__":
-    stage_main("sanity", run, _args)
+    stage_main("sanity", run)

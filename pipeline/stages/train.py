@@ -26,7 +26,7 @@ from pipeline.data.transforms import NORMALISATION
 from pipeline.io import write_text
 from pipeline.models.checkpoint import MODEL_FILE, file_sha256, load_model, save_model
 from pipeline.models.freeze import apply_trainable
-from pipeline.stages.common import cycle_arg, stage_main
+from pipeline.stages.common import cycle_arg, skip_if_stopped, stage_main
 from pipeline.training import (RESUME_FILE, Rows, TrainSpec, baseline_model, baseline_spec, run_options,
                                start_fingerprint, train_classifier)
 
@@ -38,6 +38,9 @@ def run(params, paths, args) -> None:
 
     With `train.nproc_per_node` > 1 and no torchrun around it (`dvc repro`, the flow), this process
     launches torchrun on this very stage and cycle and exits with its status."""
+    if args.cycle and not distributed.under_torchrun() and skip_if_stopped(
+            params, paths, args.cycle, [paths.model(args.cycle), paths.train_history(args.cycle)]):
+        return
     if params.train.nproc_per_node > 1 and not distributed.under_torchrun():
         sys.exit(distributed.launch("pipeline.stages.train", params.train.nproc_per_node,
                                     ["--cycle", str(args.cycle), "--params", str(Path(args.params).resolve()),
