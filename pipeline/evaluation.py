@@ -3,6 +3,10 @@
 Thresholds come from the checkpoint (chosen on val during training), never from test.
 The model runs on `compute.device`: probabilities under `compute.precision` (autocast), every CAM
 and the metrics built on CAMs (localisation, ROAD, the sanity check) in fp32 (pipeline/cam/all_labels.py).
+
+`evaluate_cycle` composes one step per family of figures (README, "Reports"): `classification`
+(with its curves), `where_it_looks` (localisation), `audit_marker_scores`, `faithfulness`,
+`cascading_sanity` and `grid` (the report's fixed heatmap grid).
 """
 from __future__ import annotations
 
@@ -17,31 +21,21 @@ from pipeline.cam.all_labels import AllLabelCAM
 from pipeline.cam.maps import resize, to_storage
 from pipeline.compute import CPU, Compute
 from pipeline.config import Params
+from pipeline.curves import label_curves
 from pipeline.data.dataset import iterate_batches, predict
 from pipeline.data.labels import anatomy_of
 from pipeline.data.manifest import label_matrix, rows
 from pipeline.data.record import decode_anatomy
 from pipeline.data.store import ArrayStore
-from pipeline.metrics.classification import classification_metrics, roc_curve_points
+from pipeline.metrics.classification import classification_metrics
 from pipeline.metrics.faithfulness import road_score
 from pipeline.metrics.localization import boxes_to_mask, cam_iou, energy_share, pointing_game_hit
 from pipeline.metrics.sanity import cascading_randomization
+from pipeline.scores import CycleScores
 
 log = logging.getLogger(__name__)
 
-# the per-cycle figures of reports/summary.json (DESIGN.md), in that order
-SUMMARY_KEYS = ("cycle", "auroc_macro", "accuracy", "f1", "sensitivity", "specificity", "cam_in_anatomy",
-                "pointing_game", "iou", "accuracy_shifted", "shortcut_gap", "faithfulness", "sanity_rank_corr")
-
-
-# with the shortcut audit on (pipeline/audit.py): where the audit label's heatmaps look on marked films
-AUDIT_KEYS = ("marker_pointing", "cam_on_marker")
-
-
-def headline(scores: dict) -> dict:
-    """The scores `dvc metrics show/diff` compare across cycles and experiments (metrics.json)."""
-    out = {k: scores.get(k) for k in (*SUMMARY_KEYS, "auroc_shifted")}
-    return out | {k: scores[k] for k in AUDIT_KEYS if scores.get(k) is not None}  # with the audit on
+SPLITS = ("test", "test_shifted")  # scored splits: unmodified test images, and the shortcut's flipped copy
 
 
 def _mean(values) -> float | None:
@@ -94,87 +88,137 @@ def localisation(cams: np.ndarray, anatomy: np.ndarray, targets: np.ndarray, ima
             "n_implausible_excluded": int((~plausible).sum()), "per_label": per_label}
 
 
-def evaluate_cycle(model, meta: dict, params: Params, manifest: pd.DataFrame, boxes: pd.DataFrame,
-                   images: ArrayStore, masks: ArrayStore, grid_ids: list[str],
-                   markers: pd.DataFrame | None = None, plausible: np.ndarray | None = None,
-                   compute: Compute = CPU) -> tuple[dict, dict]:
-    """(scores, grid): every score of DESIGN.md for one model, JSON-ready (null where a dataset cannot
-    give a figure), and the fixed grid images' CAMs for the report. `markers`: the shortcut audit's
-    marker table, when the audit is on. `plausible`: per mask-store row, whether its anatomy mask
-    passed the checks (anatomy_checks.load_plausibility); implausible films leave cam_in_anatomy.
-    The model is moved to `compute.device` (a no-op on the CPU)."""
-    model = model.to(compute.device)
-    labels, arch = meta["labels"], meta["arch"]
-    thresholds = np.asarray(meta["thresholds"], dtype=np.float64)
-    ev = params.evaluate
-    out: dict = {"cycle": meta["cycle"], "labels": labels}
+def classification(model, images: ArrayStore, manifest: pd.DataFrame, labels: list[str], thresholds: np.ndarray,
+                   compute: Compute = CPU) -> dict[str, dict]:
+    """Per split of SPLITS present: classification_metrics at the checkpoint's thresholds, and under
+    "curves" its ROC, precision-recall and calibration points per label (pipeline/curves.py)."""
     splits = {}
-    for split in ("test", "test_shifted"):
+    for split in SPLITS:
         idx = rows(manifest, split)
         if len(idx) == 0:
             continue
         y = label_matrix(manifest.iloc[idx], labels)
         probs = predict(model, images, idx, compute=compute)
         splits[split] = classification_metrics(y, probs, thresholds, labels)
-        splits[split]["roc"] = {lab: roc_curve_points(y[:, k], probs[:, k]) for k, lab in enumerate(labels)}
-    test = splits.get("test")
-    if test is None:
+        splits[split]["curves"] = label_curves(y, probs, labels)
+    if "test" not in splits:
         raise ValueError("the manifest has no test split to evaluate on")
-    shifted = splits.get("test_shifted")
-    out.update({k: test[k] for k in ("auroc_macro", "accuracy", "f1", "sensitivity", "specificity")})
+    return splits
+
+
+def classification_scores(splits: dict[str, dict]) -> dict:
+    """The headline classification figures: test's, and accuracy / AUROC on test_shifted with the gap
+    between the two accuracies (None without a test_shifted split)."""
+    test, shifted = splits["test"], splits.get("test_shifted")
+    out = {k: test[k] for k in CycleScores.CLASSIFICATION}
     out["accuracy_shifted"] = shifted["accuracy"] if shifted else None
     out["auroc_shifted"] = shifted["auroc_macro"] if shifted else None
     out["shortcut_gap"] = (out["accuracy"] - out["accuracy_shifted"]
                            if shifted and out["accuracy"] is not None and out["accuracy_shifted"] is not None else None)
+    return out
 
-    # where the model looks, on unmodified test images
-    test_idx = rows(manifest, "test")[: ev.n_cam_images]
-    cams = resize(low_res_cams(model, arch, images, test_idx, params.cam.method), images.item_shape[-1]).numpy()
+
+def where_it_looks(model, arch: str, method: str, images: ArrayStore, masks: ArrayStore, manifest: pd.DataFrame,
+                   boxes: pd.DataFrame, labels: list[str], test_idx: np.ndarray, tolerance_px: int,
+                   plausible: np.ndarray | None = None) -> tuple[np.ndarray, dict]:
+    """(CAMs of the `test_idx` films at image resolution, `localisation` of them): where the model looks."""
+    cams = resize(low_res_cams(model, arch, images, test_idx, method), images.item_shape[-1]).numpy()
     loc = localisation(cams, masks.read(test_idx), label_matrix(manifest.iloc[test_idx], labels),
-                       manifest["image_id"].iloc[test_idx].tolist(), boxes, labels, ev.pointing_tolerance_px,
+                       manifest["image_id"].iloc[test_idx].tolist(), boxes, labels, tolerance_px,
                        None if plausible is None else np.asarray(plausible, bool)[test_idx])
-    out.update({k: loc[k] for k in ("cam_in_anatomy", "pointing_game", "iou", "n_implausible_excluded")})
-    out.update(dict.fromkeys(AUDIT_KEYS))
-    if markers is not None and params.audit.label in labels:
-        boxes_drawn = marker_boxes(markers, manifest["image_id"].iloc[test_idx].astype(str).tolist())
-        audit = marker_scores(cams[:, labels.index(params.audit.label)], boxes_drawn, ev.pointing_tolerance_px)
-        out.update({k: audit[k] for k in AUDIT_KEYS})
-        out["audit"] = {"label": params.audit.label, "p": params.audit.p, "n_marked": audit["n_marked"]}
+    return cams, loc
 
-    # faithfulness (ROAD) per label on positives, and the sanity check
+
+def audit_marker_scores(cams: np.ndarray, manifest: pd.DataFrame, test_idx: np.ndarray, labels: list[str],
+                        markers: pd.DataFrame | None, params: Params) -> dict:
+    """With the shortcut audit on: where the audit label's heatmaps look on the films carrying the
+    marker (CycleScores.AUDIT), and the audit's settings under "audit"; the figures None otherwise."""
+    out = dict.fromkeys(CycleScores.AUDIT)
+    if markers is None or params.audit.label not in labels:
+        return out
+    drawn = marker_boxes(markers, manifest["image_id"].iloc[test_idx].astype(str).tolist())
+    audit = marker_scores(cams[:, labels.index(params.audit.label)], drawn, params.evaluate.pointing_tolerance_px)
+    return out | {k: audit[k] for k in CycleScores.AUDIT} | {
+        "audit": {"label": params.audit.label, "p": params.audit.p, "n_marked": audit["n_marked"]}}
+
+
+def faithfulness(model, images: ArrayStore, test_idx: np.ndarray, y_test: np.ndarray, cams: np.ndarray,
+                 labels: list[str], n_images: int) -> dict[str, float | None]:
+    """ROAD per label on its first `n_images` positive test films (None for a label without one)."""
     road = {}
-    y_test = label_matrix(manifest.iloc[test_idx], labels)
     for k, label in enumerate(labels):
-        pos = np.flatnonzero(y_test[:, k] == 1)[: ev.n_faithfulness_images]
+        pos = np.flatnonzero(y_test[:, k] == 1)[:n_images]
         if len(pos) == 0:
             road[label] = None
             continue
         x_all = next(iterate_batches(images, test_idx[pos], None, len(pos)))[0]
         road[label] = float(road_score(model, x_all, cams[pos, k], k))
-    out["faithfulness"] = _mean(road.values())
-    sanity_idx = test_idx[: ev.n_sanity_images]
+    return road
+
+
+def cascading_sanity(model, arch: str, method: str, images: ArrayStore, sanity_idx: np.ndarray, seed: int) -> dict:
+    """Cascading model-parameter randomisation (Adebayo et al.) of this model's heatmaps on `sanity_idx`."""
     x_sanity = next(iterate_batches(images, sanity_idx, None, len(sanity_idx)))[0]
 
     def cam_fn(m, x):
-        return AllLabelCAM(m, arch, params.cam.method)(x)
+        return AllLabelCAM(m, arch, method)(x)
 
-    sanity = cascading_randomization(model, x_sanity, cam_fn, seed=params.train.seed)
-    out["sanity_rank_corr"] = sanity["final_rank_corr"]
-    out["sanity"] = sanity
+    return cascading_randomization(model, x_sanity, cam_fn, seed=seed)
 
-    out["per_label"] = {
+
+def per_label(labels: list[str], splits: dict[str, dict], loc: dict, road: dict) -> dict:
+    """Every figure per label: test_* and shifted_* classification, localisation, faithfulness."""
+    test, shifted = splits["test"], splits.get("test_shifted")
+    return {
         label: {**{f"test_{k}": v for k, v in test["per_label"][label].items()},
                 **({f"shifted_{k}": v for k, v in shifted["per_label"][label].items()} if shifted else {}),
                 **loc["per_label"][label], "faithfulness": road[label]}
         for label in labels
     }
-    out["roc"] = {split: s["roc"] for split, s in splits.items()}
 
-    # low-res CAMs of the fixed grid images, for the report's per-cycle and before/after grids
+
+def grid(model, arch: str, method: str, cam_size: int, images: ArrayStore, manifest: pd.DataFrame,
+         grid_ids: list[str], compute: Compute = CPU) -> dict:
+    """The fixed grid films present in the manifest: their ids, probabilities and low-res CAMs, for the
+    per-cycle CAM grid and the report's before/after grid."""
     pos_of = {iid: i for i, iid in enumerate(manifest["image_id"].tolist())}
     grid_idx = np.asarray([pos_of[i] for i in grid_ids if i in pos_of], dtype=np.int64)
-    grid = {"image_ids": [manifest["image_id"].iloc[i] for i in grid_idx]}
+    out = {"image_ids": [manifest["image_id"].iloc[i] for i in grid_idx], "index": grid_idx}
     if len(grid_idx):
-        grid["probs"] = predict(model, images, grid_idx, compute=compute).round(4).tolist()
-        grid["cams"] = to_storage(low_res_cams(model, arch, images, grid_idx, params.cam.method), params.cam.size)
-    return out, grid
+        out["probs"] = predict(model, images, grid_idx, compute=compute).round(4).tolist()
+        out["cams"] = to_storage(low_res_cams(model, arch, images, grid_idx, method), cam_size)
+    return out
+
+
+def evaluate_cycle(model, meta: dict, params: Params, manifest: pd.DataFrame, boxes: pd.DataFrame,
+                   images: ArrayStore, masks: ArrayStore, grid_ids: list[str],
+                   markers: pd.DataFrame | None = None, plausible: np.ndarray | None = None,
+                   compute: Compute = CPU) -> tuple[dict, dict, dict]:
+    """(scores, curves, grid) for one model. scores: every figure of README "Reports", JSON-ready (null
+    where a dataset cannot give one); curves: {split: {label: curves}} (pipeline/curves.py); grid: the
+    fixed grid films' CAMs (`grid`). `markers`: the shortcut audit's marker table, when the audit is
+    on. `plausible`: per mask-store row, whether its anatomy mask passed the checks
+    (anatomy_checks.load_plausibility); implausible films leave cam_in_anatomy.
+    The model is moved to `compute.device` (a no-op on the CPU)."""
+    model = model.to(compute.device)
+    labels, arch, method = meta["labels"], meta["arch"], params.cam.method
+    thresholds = np.asarray(meta["thresholds"], dtype=np.float64)
+    ev = params.evaluate
+    splits = classification(model, images, manifest, labels, thresholds, compute)
+    out: dict = {"cycle": meta["cycle"], "labels": labels, **classification_scores(splits)}
+
+    test_idx = rows(manifest, "test")[: ev.n_cam_images]
+    cams, loc = where_it_looks(model, arch, method, images, masks, manifest, boxes, labels, test_idx,
+                               ev.pointing_tolerance_px, plausible)
+    out.update({k: loc[k] for k in (*CycleScores.LOCALISATION, "n_implausible_excluded")})
+    out.update(audit_marker_scores(cams, manifest, test_idx, labels, markers, params))
+
+    road = faithfulness(model, images, test_idx, label_matrix(manifest.iloc[test_idx], labels), cams, labels,
+                        ev.n_faithfulness_images)
+    out["faithfulness"] = _mean(road.values())
+    sanity = cascading_sanity(model, arch, method, images, test_idx[: ev.n_sanity_images], params.train.seed)
+    out["sanity_rank_corr"] = sanity["final_rank_corr"]
+    out["sanity"] = sanity
+    out["per_label"] = per_label(labels, splits, loc, road)
+    curves = {split: s["curves"] for split, s in splits.items()}
+    return out, curves, grid(model, arch, method, params.cam.size, images, manifest, grid_ids, compute)

@@ -1,8 +1,13 @@
-"""The run's report: reports/summary.json, reports/index.html with pictures, models/latest.json."""
+"""The run's report: reports/summary.json, reports/index.html with pictures, models/latest.json.
+
+index.html carries its pictures inside it (data: URIs): copied alone, it still shows everything; its
+links to the CSV files beside it stay links."""
 from __future__ import annotations
 
+import base64
 import html
 import logging
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -10,17 +15,19 @@ import pandas as pd
 from pipeline import figures
 from pipeline.audit import audit_note, read_audit_summary
 from pipeline.config import Params, Paths
-from pipeline.cycle_control import decide
+from pipeline.curves import read_curves
+from pipeline.cycle_control import STOPPED, decide
 from pipeline.data.manifest import label_matrix
 from pipeline.data.store import ArrayStore
-from pipeline.evaluation import AUDIT_KEYS, SUMMARY_KEYS, headline
 from pipeline.io import read_json, write_json, write_text
 from pipeline.metrics.sanity import SANITY_MAX
+from pipeline.scores import SANITY_CHECKS, CycleScores, sanity_lines, verdict
 
 log = logging.getLogger(__name__)
 
-TABLE_KEYS = ("auroc_macro", "accuracy", "accuracy_shifted", "shortcut_gap", "pointing_game", "cam_in_anatomy",
-              "iou", "faithfulness", "sanity_rank_corr")
+# CycleScores owns the keys; these names stay until flows/refine.py and tests/test_end_to_end.py,
+# which import them from here, import CycleScores
+TABLE_KEYS, SUMMARY_KEYS = CycleScores.TABLE, CycleScores.SUMMARY
 
 
 def load_cycles(paths: Paths, cycle_ids: list[int], last_cycle: int | None = None) -> list[dict]:
@@ -32,18 +39,21 @@ def load_cycles(paths: Paths, cycle_ids: list[int], last_cycle: int | None = Non
         f = paths.cycle_scores(k)
         if not f.is_file():
             break  # cycles run in order: the first missing one ends the history
-        out.append(read_json(f))
+        scores = read_json(f)
+        if scores.get(STOPPED):
+            break  # ... and so does the first one the stop rule skipped
+        out.append(scores)
     return out
 
 
 def summary(params: Params, cycles: list[dict], stop_reason: str | None, audit: dict | None = None) -> dict:
     """reports/summary.json; with the shortcut audit on, its settings and the marker figures per cycle."""
     audit = audit or {"enabled": False}
-    keys = (*SUMMARY_KEYS, *AUDIT_KEYS) if audit.get("enabled") else SUMMARY_KEYS
     return {
         "dataset": params.data.source,
         "labels": cycles[0]["labels"] if cycles else [],
-        "cycles": [{**{k: c.get(k) for k in keys}, "per_label": c.get("per_label", {})} for c in cycles],
+        "cycles": [{**CycleScores.of(c).summary_entry(bool(audit.get("enabled"))), "per_label": c.get("per_label", {})}
+                   for c in cycles],
         "stop_reason": stop_reason,
         "audit": audit,
     }
@@ -51,10 +61,11 @@ def summary(params: Params, cycles: list[dict], stop_reason: str | None, audit: 
 
 def format_table(cycles: list[dict]) -> str:
     """The per-cycle table printed by `make run` and shown in the report."""
-    head = ["cycle", *TABLE_KEYS]
+    head = ["cycle", *CycleScores.TABLE]
     lines = [" ".join(f"{h:>16}" if i else f"{h:>5}" for i, h in enumerate(head))]
     for c in cycles:
-        cells = [f"{c['cycle']:>5}"] + [f"{'-' if c.get(k) is None else format(c[k], '.3f'):>16}" for k in TABLE_KEYS]
+        cells = [f"{c['cycle']:>5}"] + [f"{'-' if c.get(k) is None else format(c[k], '.3f'):>16}"
+                                        for k in CycleScores.TABLE]
         lines.append(" ".join(cells))
     return "\n".join(lines)
 
@@ -64,61 +75,41 @@ _STYLE = ("<style>body{font-family:system-ui,sans-serif;max-width:1100px;margin:
           "img{max-width:100%}</style>")
 
 
+def _img(path: Path) -> str:
+    """An <img> carrying the PNG at `path` in the page itself."""
+    return f"<img src='data:image/png;base64,{base64.b64encode(Path(path).read_bytes()).decode('ascii')}'>"
+
+
+def _html_verdict(text: str) -> str:
+    """Escaped text with a failed verdict in red."""
+    return html.escape(text).replace(verdict(False), f"<b style='color:#b00'>{verdict(False)}</b>")
+
+
 def _sanity_cell(c: dict) -> str:
-    v = c.get("sanity_rank_corr")
-    if v is None:
-        return "—"
-    return "pass" if v < SANITY_MAX else "<b style='color:#b00'>FAIL</b>"
-
-
-def _sanity_checks(sanity: dict):
-    """(key, check, its rank correlation) for both checks of reports/sanity.json, in report order."""
-    for key, fig in (("cascading_randomization", "final_rank_corr"), ("label_permutation", "rank_corr")):
-        c = sanity.get(key) or {}
-        yield key, c, c.get(fig)
-
-
-def sanity_lines(sanity: dict | None) -> list[str]:
-    """One line per saliency sanity check of reports/sanity.json (printed by `make run`, shown in the report)."""
-    if not sanity:
-        return ["saliency sanity checks: not run (reports/sanity.json missing)"]
-    out = []
-    for key, c, rho in _sanity_checks(sanity):
-        name = {"cascading_randomization": "cascading randomisation", "label_permutation": "label permutation"}[key]
-        verdict = {True: "pass", False: "FAIL", None: "not run"}[c.get("passed")]
-        detail = "" if rho is None else f"rank corr {rho:.3f} (passes below {sanity['max']}): "
-        extra = (f", twin trained {c['epochs']} epochs on permuted labels: val loss {c['twin_val_loss']:.3f} "
-                 f"(label rates alone {c['prevalence_val_loss']:.3f})"
-                 if key == "label_permutation" and c.get("twin_val_loss") is not None
-                 and c.get("prevalence_val_loss") is not None else "")
-        reason = f" — {c['reason']}" if c.get("reason") else ""
-        out.append(f"saliency sanity, {name} (cycle {c.get('cycle')}): {detail}{verdict}{extra}{reason}")
-    return out
+    passed = CycleScores.of(c).sanity_passed
+    return "—" if passed is None else _html_verdict(verdict(passed))
 
 
 def _html_sanity(sanity: dict | None, serve: int) -> str:
+    """The sanity_lines, each check's figure at every cycle, and what the permuted-label twin learned."""
     esc = html.escape
     if not sanity:
         return ("<h2>Saliency sanity checks</h2><p>Not run: <code>reports/sanity.json</code> is missing "
                 "(the <code>sanity</code> stage).</p>")
-    rows = []
-    for key, c, rho in _sanity_checks(sanity):
-        name = {"cascading_randomization": "cascading model-parameter randomisation",
-                "label_permutation": "label permutation (data randomisation)"}[key]
-        verdict = {True: "pass", False: "<b style='color:#b00'>FAIL</b>", None: "not run"}[c.get("passed")]
-        by_cycle = ", ".join(f"{k}: {'—' if v is None else f'{v:.3f}'}" for k, v in (c.get("by_cycle") or {}).items())
-        rows.append(f"<tr><td style='text-align:left'>{esc(name)}</td><td>{'—' if rho is None else f'{rho:.3f}'}"
-                    f"</td><td>{verdict}</td><td style='text-align:left'>{esc(by_cycle)}</td>"
-                    f"<td style='text-align:left'>{esc(c.get('reason') or '')}</td></tr>")
+    lines = "".join(f"<li>{_html_verdict(line)}</li>" for line in sanity_lines(sanity))
+    rows = "".join(
+        f"<tr><td style='text-align:left'>{esc(name)}</td><td style='text-align:left'>"
+        + esc(", ".join(f"{k}: {'—' if v is None else f'{v:.3f}'}"
+                        for k, v in ((sanity.get(key) or {}).get("by_cycle") or {}).items())) + "</td></tr>"
+        for key, name, _ in SANITY_CHECKS)
     lp = sanity.get("label_permutation") or {}
     twin = ""
     if lp.get("twin_val_loss") is not None and lp.get("prevalence_val_loss") is not None:
         learned = lp["twin_val_loss"] < lp["prevalence_val_loss"] - 0.005
-        twin = (f" The permuted-label twin (cycle 0's architecture, init and images; {lp['epochs']} epochs, "
-                f"permutation seed {lp['seed']}) scores a loss of {lp['twin_val_loss']:.3f} on the true val labels, "
-                f"against {lp['prevalence_val_loss']:.3f} for predicting each label's rate"
-                + (": <b>lower</b>, so the permutation did not destroy every cue." if learned else
-                   ": the permutation left nothing to learn.")
+        twin = (f" The permuted-label twin has cycle 0's architecture, init and images (permutation seed "
+                f"{lp['seed']}); its val loss on the true labels is "
+                + ("<b>lower</b> than predicting each label's rate, so the permutation did not destroy every cue."
+                   if learned else "no lower than predicting each label's rate: the permutation left nothing to learn.")
                 + (f" Its val AUROC {lp['twin_val_auroc']:.3f} (the untrained network's: "
                    f"{lp['untrained_val_auroc']:.3f}) reflects image statistics, not labels."
                    if lp.get("twin_val_auroc") is not None and lp.get("untrained_val_auroc") is not None else ""))
@@ -128,20 +119,19 @@ def _html_sanity(sanity: dict | None, serve: int) -> str:
             f"what it learned is destroyed. Rank correlation of the served model's heatmaps (cycle "
             f"{sanity.get('served_cycle')}, {sanity.get('n_images')} test images, {esc(str(sanity.get('cam_method')))}) "
             f"with those of a fully randomised copy and of a twin trained on permuted labels; each check passes "
-            f"below {sanity['max']}.{twin}{stale}</p>"
-            "<table><tr><th>check</th><th>rank corr</th><th>verdict</th><th>every cycle</th><th>reason</th></tr>"
-            + "".join(rows) + "</table>")
+            f"below {sanity['max']}.{twin}{stale}</p><ul>{lines}</ul>"
+            "<table><tr><th>check</th><th>rank corr at every cycle</th></tr>" + rows + "</table>")
 
 
-def _html_anatomy_masks(seg: dict) -> str:
+def _html_anatomy_masks(seg: dict, paths: Paths) -> str:
     """The plausibility checks' counts and the per-split previews the segment stage drew
-    (reports/segment/preview_<split>.png): what a dataset without ground-truth masks offers instead of a Dice."""
+    (Paths.segment_preview): what a dataset without ground-truth masks offers instead of a Dice."""
     if "implausible" not in seg:
         return ""
     esc = html.escape
     by_split = ", ".join(f"{esc(k)}: {v}" for k, v in (seg.get("implausible_by_split") or {}).items())
-    pics = "".join(f"<h3>{esc(name.removeprefix('preview_').removesuffix('.png'))}</h3>"
-                   f"<img src='segment/{esc(name)}'>" for name in seg.get("previews", []))
+    splits = [name.removeprefix("preview_").removesuffix(".png") for name in seg.get("previews", [])]
+    pics = "".join(f"<h3>{esc(split)}</h3>{_img(paths.segment_preview(split))}" for split in splits)
     return (f"<h2>Anatomy masks</h2><p>Every predicted mask was cleaned (the two largest lung components and "
             f"the largest heart component kept; {seg['blobs_removed']} films lost blobs) and checked for "
             f"plausibility (two lungs side by side, lung and heart areas in range, heart inside the thorax): "
@@ -153,9 +143,9 @@ def _html_anatomy_masks(seg: dict) -> str:
 
 
 def _html_table(cycles: list[dict]) -> str:
-    head = "".join(f"<th>{html.escape(k)}</th>" for k in ("cycle", *TABLE_KEYS, "sanity check"))
+    head = "".join(f"<th>{html.escape(k)}</th>" for k in ("cycle", *CycleScores.TABLE, "sanity check"))
     body = "".join("<tr>" + f"<td>{c['cycle']}</td>" + "".join(
-        f"<td>{'—' if c.get(k) is None else f'{c[k]:.3f}'}</td>" for k in TABLE_KEYS)
+        f"<td>{'—' if c.get(k) is None else f'{c[k]:.3f}'}</td>" for k in CycleScores.TABLE)
         + f"<td>{_sanity_cell(c)}</td></tr>" for c in cycles)
     return f"<table><tr>{head}</tr>{body}</table>"
 
@@ -184,33 +174,30 @@ def build_report(params: Params, paths: Paths, stop_reason: str | None = None,
     grids = {c["cycle"]: np.load(paths.cycle_grid(c["cycle"])) for c in cycles}
     first, last = cycles[0]["cycle"], cycles[-1]["cycle"]
     image_ids = [str(i) for i in grids[first]["image_ids"]]
-    pictures: list[tuple[str, str]] = []
+    pictures: list[tuple[str, Path]] = []
     if image_ids:
         imgs, idx = _grid_images(paths, image_ids)
         truth = label_matrix(manifest, labels)[idx]
-        for c, g in grids.items():
-            name = f"cam_grid_c{c}.png"
-            figures.save_cam_grid(fig_dir / name, imgs, g["cams"], labels, truth, g["probs"],
-                                  f"cycle {c}: Grad-CAM per label on fixed test images")
-            pictures.append((f"Cycle {c}: heatmaps of the fixed test images", name))
+        for c in grids:  # drawn by each cycle's evaluate stage
+            pictures.append((f"Cycle {c}: heatmaps of the fixed test images", paths.cycle_cam_grid(c)))
         figures.save_before_after_cams(fig_dir / "before_after.png", imgs, grids[first]["cams"],
                                        grids[last]["cams"], truth, labels, first, last)
-        pictures.insert(0, ("Before / after: cycle 0 vs the latest cycle", "before_after.png"))
-    figures.save_trends(fig_dir / "trends.png", cycles, list(TABLE_KEYS))
-    pictures.insert(0, ("Scores across cycles (unmodified test images)", "trends.png"))
-    rocs = {c["cycle"]: read_json(paths.cycle_roc(c["cycle"])) for c in cycles}
+        pictures.insert(0, ("Before / after: cycle 0 vs the latest cycle", fig_dir / "before_after.png"))
+    figures.save_trends(fig_dir / "trends.png", cycles, list(CycleScores.TABLE))
+    pictures.insert(0, ("Scores across cycles (unmodified test images)", fig_dir / "trends.png"))
+    rocs = {c["cycle"]: read_curves(paths.cycle_roc(c["cycle"]), "roc", labels) for c in cycles}
     for split in ("test", "test_shifted"):
         if split in rocs[first]:
             figures.save_roc(fig_dir / f"roc_{split}.png", rocs, split)
-            pictures.append((f"ROC on {split}", f"roc_{split}.png"))
+            pictures.append((f"ROC on {split}", fig_dir / f"roc_{split}.png"))
     for c in (first, last):
         figures.save_confusions(fig_dir / f"confusion_c{c}.png", cycles[c - first]["per_label"], labels, c)
-        pictures.append((f"Cycle {c}: confusion matrices at the val-chosen thresholds", f"confusion_c{c}.png"))
+        pictures.append((f"Cycle {c}: confusion matrices at the val-chosen thresholds", fig_dir / f"confusion_c{c}.png"))
     histories = {c["cycle"]: pd.read_csv(p) for c in cycles
                  if (p := paths.train_history(c["cycle"])).is_file()}
     if histories:
         figures.save_loss_curves(fig_dir / "loss_curves.png", histories)
-        pictures.append(("Loss curves (train and unmodified val)", "loss_curves.png"))
+        pictures.append(("Loss curves (train and unmodified val)", fig_dir / "loss_curves.png"))
 
     seg = paths.segment_metrics
     seg_scores = read_json(seg) if seg.is_file() else None
@@ -223,20 +210,21 @@ def build_report(params: Params, paths: Paths, stop_reason: str | None = None,
         log.warning("reports/sanity.json checked cycle %s, the served cycle is %d: re-run the sanity stage",
                     result["sanity"].get("served_cycle"), decision.serve_cycle)
     write_json(paths.summary, result)
-    trends = pd.DataFrame([headline(c) for c in cycles])[["cycle", *TABLE_KEYS, "auroc_shifted"]]
+    trends = pd.DataFrame([CycleScores.of(c).headline() for c in cycles])[list(CycleScores.TRENDS)]
     write_text(paths.trends, trends.to_csv(index=False))
     serve = cycles[[c["cycle"] for c in cycles].index(decision.serve_cycle)]
     write_json(paths.latest, {"cycle": serve["cycle"], "checkpoint": serve["model"]["path"],
                               "sha256": serve["model"]["sha256"], "baseline": cycles[0]["model"]["path"],
-                              "metrics": headline(serve), "model": serve["model"],
+                              "metrics": CycleScores.of(serve).headline(), "model": serve["model"],
                               "stop_reason": stop_reason})
     write_text(paths.report_html,
-               _html(params, result, cycles, pictures, seg_scores, enhance_stats, decision.serve_cycle))
+               _html(params, paths, result, cycles, pictures, seg_scores, enhance_stats, decision.serve_cycle))
     log.info("report written: %d cycles, serving c%d; %s", len(cycles), decision.serve_cycle, stop_reason)
     return result
 
 
-def _html(params: Params, result: dict, cycles: list[dict], pictures, seg, enhance_stats, serve) -> str:
+def _html(params: Params, paths: Paths, result: dict, cycles: list[dict], pictures, seg, enhance_stats,
+          serve) -> str:
     esc = html.escape
     parts = [
         "<!doctype html><meta charset='utf-8'><title>CXR refinement report</title>", _STYLE,
@@ -268,20 +256,17 @@ def _html(params: Params, result: dict, cycles: list[dict], pictures, seg, enhan
         parts.append(f"<h2>Anatomy U-Net</h2><p>Trained on {seg['n_train']} images with masks from "
                      f"{esc(', '.join(seg.get('sources', [])))}; scored on {seg['val']['n_images']} held-out "
                      f"images{esc(at)}.</p><table><tr><th>structure</th><th>Dice</th><th>IoU</th></tr>{rows}</table>")
-        parts.append(_html_anatomy_masks(seg))
+        parts.append(_html_anatomy_masks(seg, paths))
     for c, st in enhance_stats.items():
         sep = "; ".join(f"{lab}: mean-in-anatomy AUROC raw {v['raw'].get('mean_in_anatomy')} → enhanced "
                         f"{v['enhanced'].get('mean_in_anatomy')}" for lab, v in st.get("separability", {}).items())
         parts.append(f"<h3>Enhancement c{c} ({esc(st['policy'])})</h3><p>CAM energy in anatomy "
                      f"{st.get('mean_cam_in_anatomy')}; decorrelated-first area {st.get('hot_fraction'):.3f}. "
                      f"Class separability by simple statistics: {esc(sep)}</p>"
-                     f"<img src='enhance/c{c}/figures/atlas.png'> <img src='enhance/c{c}/figures/examples.png'>")
-    for title, name in pictures:
-        parts.append(f"<h2>{esc(title)}</h2><img src='figures/{esc(name)}'>")
+                     f"{_img(paths.enhance_figures(c) / 'atlas.png')} {_img(paths.enhance_figures(c) / 'examples.png')}")
+    for title, path in pictures:
+        parts.append(f"<h2>{esc(title)}</h2>{_img(path)}")
     return "\n".join(parts)
-
-
-POLICY_KEYS = ("pointing_game", "cam_in_anatomy", "accuracy_shifted", "auroc_macro")
 
 
 def build_policy_comparison(params: Params, paths: Paths, results: dict[str, list[dict]],
@@ -293,17 +278,18 @@ def build_policy_comparison(params: Params, paths: Paths, results: dict[str, lis
     """
     out_dir = paths.comparison(name)
     summary = {"dataset": params.data.source, "default_policy": params.enhance.policy,
-               "policies": {policy: {"cycles": [headline(c) for c in cycles]} for policy, cycles in results.items()},
+               "policies": {policy: {"cycles": [CycleScores.of(c).headline() for c in cycles]}
+                            for policy, cycles in results.items()},
                **(extra or {})}
     write_json(paths.comparison_summary(name), summary)
-    figures.save_policy_comparison(out_dir / "comparison.png", results, list(POLICY_KEYS))
+    figures.save_policy_comparison(out_dir / "comparison.png", results, list(CycleScores.POLICY))
     esc = html.escape
     parts = ["<!doctype html><meta charset='utf-8'><title>Enhancement policies</title>", _STYLE,
              f"<h1>Enhancement policies — {esc(params.data.source)}</h1>",
              "<p>The same data and cycle 0 model, refined under each policy (DVC experiments "
              f"<code>{esc(exp_prefix)}&lt;policy&gt;</code>; <code>dvc exp show</code> lists them). "
              "Every score is measured on "
-             "<b>unmodified</b> test images.</p><img src='comparison.png'>"]
+             f"<b>unmodified</b> test images.</p>{_img(out_dir / 'comparison.png')}"]
     for policy, cycles in results.items():
         parts += [f"<h2>{esc(policy)}</h2>", _html_table(cycles)]
     write_text(paths.comparison_html(name), "\n".join(parts))

@@ -24,12 +24,16 @@ def make_project(dest: Path, params: dict) -> Path:
     shutil.copy(ROOT / "dvc.yaml", dest / "dvc.yaml")
     (dest / "data" / "raw").mkdir(parents=True)
     shutil.copy(ROOT / "data" / "raw" / "README.md", dest / "data" / "raw" / "README.md")
+    (dest / "data" / "feedback").mkdir()
+    shutil.copy(ROOT / "data" / "feedback" / "README.md", dest / "data" / "feedback" / "README.md")
     (dest / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     env = {**os.environ, "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t",
            "GIT_COMMITTER_EMAIL": "t@t"}
     for cmd in (["git", "init", "-q"], [sys.executable, "-m", "dvc", "init", "-q"],
-                [sys.executable, "-m", "dvc", "config", "core.analytics", "false"],
-                ["git", "add", "-A"], ["git", "commit", "-qm", "init"]):
+                [sys.executable, "-m", "dvc", "config", "core.analytics", "false"]):
+        subprocess.run(cmd, cwd=dest, check=True, env=env, capture_output=True)
+    shutil.copytree(ROOT / ".dvc" / "plots", dest / ".dvc" / "plots")  # the curves' plot template (dvc.yaml)
+    for cmd in (["git", "add", "-A"], ["git", "commit", "-qm", "init"]):
         subprocess.run(cmd, cwd=dest, check=True, env=env, capture_output=True)
     return dest
 

@@ -114,12 +114,21 @@ def test_cam_in_anatomy_leaves_implausible_films_out():
     assert loc["per_label"]["Pneumonia"]["n_implausible_excluded"] == 1
 
 
-def test_report_section_shows_the_counts_and_the_previews():
+def test_report_section_shows_the_counts_and_the_previews(tmp_path):
+    import base64
+
+    from pipeline.config import Paths
     from pipeline.report import _html_anatomy_masks
 
+    paths, png = Paths(tmp_path), {s: b"\x89PNG " + s.encode() for s in ("train", "val", "test")}
+    paths.segment_report.mkdir(parents=True)
+    for split, data in png.items():
+        paths.segment_preview(split).write_bytes(data)
     seg = {"implausible": 3, "blobs_removed": 7, "n_checked": 50, "implausible_by_split": {"test": 1, "train": 2},
            "previews": ["preview_train.png", "preview_val.png", "preview_test.png"]}
-    out = _html_anatomy_masks(seg)
+    out = _html_anatomy_masks(seg, paths)
     assert "<h2>Anatomy masks</h2>" in out and "<b>3</b> of 50" in out and "segment/implausible.csv" in out
-    assert [f"segment/preview_{s}.png" in out for s in ("train", "val", "test")] == [True] * 3
-    assert _html_anatomy_masks({"n_train": 4}) == ""  # metrics of a run before the checks existed
+    # each preview inside the page, in split order: the report shows them when copied alone
+    uris = [f"data:image/png;base64,{base64.b64encode(data).decode()}" for data in png.values()]
+    assert [out.find(u) for u in uris] == sorted(out.find(u) for u in uris) and all(u in out for u in uris)
+    assert _html_anatomy_masks({"n_train": 4}, paths) == ""  # metrics of a run before the checks existed

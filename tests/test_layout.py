@@ -31,10 +31,6 @@ def test_no_print_in_the_library():
 
 # documents that live outside the repository; a citation of one is a dead end for a reader of a clone
 ABSENT_DOCS = re.compile(r"\b(DESIGN|DEVELOPERS)\.md\b|\bissues? #?\d+\b", re.IGNORECASE)
-CITING_ALLOWED = {  # to be fixed with pipeline/evaluation.py
-    ("pipeline/evaluation.py", "# the per-cycle figures of reports/summary.json (DESIGN.md), in that order"),
-    ("pipeline/evaluation.py", '"""(scores, grid): every score of DESIGN.md for one model, JSON-ready (null where a dataset cannot'),
-}
 
 
 def _project_texts():
@@ -51,8 +47,7 @@ def test_the_references_stay_inside_the_repository():
     """Code and docs point at a module, a README section or docs/, not at documents a clone lacks."""
     cites = {(str(p.relative_to(ROOT)), line.strip()) for p in _project_texts() if p != Path(__file__)
              for line in p.read_text(errors="replace").splitlines() if ABSENT_DOCS.search(line)}
-    assert cites <= CITING_ALLOWED, sorted(cites - CITING_ALLOWED)
-    assert CITING_ALLOWED <= cites, f"fixed, so take them off CITING_ALLOWED: {sorted(CITING_ALLOWED - cites)}"
+    assert not cites, sorted(cites)
 
 
 def test_relative_links_in_the_docs_resolve():

@@ -2,6 +2,7 @@
 reports/sanity.json's shape, the report's and the model card's flags, and the params that drive it."""
 from __future__ import annotations
 
+import html
 import json
 
 import numpy as np
@@ -13,7 +14,8 @@ from pipeline.cam.all_labels import AllLabelCAM
 from pipeline.config import ConfigError, load_params
 from pipeline.metrics.sanity import SANITY_MAX, label_permutation, permute_labels
 from pipeline.models.registry import create_model
-from pipeline.report import _html_sanity, sanity_lines
+from pipeline.report import _html_sanity
+from pipeline.scores import sanity_line, sanity_lines
 from pipeline.viewer.card import card_markdown, label_permutation_entry, model_card
 from tests.conftest import tiny_params
 from tests.reliability import record
@@ -193,7 +195,8 @@ def test_card_shows_a_passing_label_permutation_check(tmp_path):
     card = _card_root(tmp_path, _sanity_json(0.03))
     assert card["label_permutation_flag"] is False and card["label_permutation"]["passed"] is True
     md = card_markdown(card)
-    assert "⚠" not in md and "Label-permutation sanity check" in md and "pass" in md
+    assert "⚠" not in md and sanity_line("label_permutation", card["label_permutation"]) in md
+    assert "saliency sanity, label permutation (cycle 1): rank corr 0.030 (passes below 0.2): pass" in md
 
 
 def test_card_without_the_check(tmp_path):
@@ -220,6 +223,7 @@ def test_report_flags_a_failing_check():
     assert "pass" in lines[0] and "FAIL" in lines[1] and "0.450" in lines[1]
     page = _html_sanity(failing, serve=1)
     assert page.count("FAIL") == 1 and "0.450" in page and "nothing to learn" in page
+    assert all(html.escape(line).replace("FAIL", "<b style='color:#b00'>FAIL</b>") in page for line in lines)
     assert "re-run the sanity stage" in _html_sanity(failing, serve=2)
     assert "FAIL" not in _html_sanity(_sanity_json(0.03), serve=1)
     assert "not run" in sanity_lines(None)[0]

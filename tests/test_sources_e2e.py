@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 
 from pipeline.data.labels import CANONICAL_LABELS
-from pipeline.evaluation import SUMMARY_KEYS
+from pipeline.scores import CycleScores
 from tests.conftest import tiny_params
 from tests.helpers import make_project
 
@@ -40,7 +40,7 @@ def test_one_cycle_on_each_source(source, tmp_path):
     assert summary["dataset"] == source and [c["cycle"] for c in summary["cycles"]] == [0, 1]
     assert summary["labels"] and set(summary["labels"]) <= set(CANONICAL_LABELS)
     for c in summary["cycles"]:
-        assert set(SUMMARY_KEYS) <= set(c)
+        assert set(CycleScores.SUMMARY) <= set(c)
         assert c["auroc_macro"] is not None and c["cam_in_anatomy"] is not None
         assert c["accuracy_shifted"] is None and c["shortcut_gap"] is None  # no planted shortcut in real data
         assert (c["pointing_game"] is not None) == (source in HAS_BOXES)

@@ -149,6 +149,11 @@ class Paths:
     def feedback_log(self) -> Path:
         return self.feedback / "marks.jsonl"
 
+    @property
+    def review_scores(self) -> Path:
+        """Every cycle against the reviewers' marks (stage review_scores; pipeline/review_scores.py)."""
+        return self.reports / "review.json"
+
     # shortcut audit
     @property
     def audit(self) -> Path:
@@ -207,12 +212,24 @@ class Paths:
         return self.cycle_report(cycle) / "scores.json"
 
     def cycle_roc(self, cycle: int) -> Path:
-        """The ROC points per split and label (the report's ROC figure)."""
-        return self.cycle_report(cycle) / "roc.json"
+        """The ROC points per split and label (a DVC plot, and the report's ROC figure; pipeline/curves.py)."""
+        return self.cycle_report(cycle) / "roc.csv"
+
+    def cycle_pr(self, cycle: int) -> Path:
+        """The precision-recall points per split and label (a DVC plot)."""
+        return self.cycle_report(cycle) / "pr.csv"
+
+    def cycle_calibration(self, cycle: int) -> Path:
+        """The reliability diagram per split and label: mean predicted vs observed rate per bin (a DVC plot)."""
+        return self.cycle_report(cycle) / "calibration.csv"
 
     def cycle_grid(self, cycle: int) -> Path:
-        """Every label's heatmap and probability on the fixed test films (the report's CAM grids)."""
+        """Every label's heatmap and probability on the fixed test films (the report's before/after grid)."""
         return self.cycle_report(cycle) / "grid.npz"
+
+    def cycle_cam_grid(self, cycle: int) -> Path:
+        """The fixed test films' heatmaps, one column per label, as a picture (a DVC plot; the report shows it)."""
+        return self.cycle_report(cycle) / "cam_grid.png"
 
     def resume_dir(self, cycle: int) -> Path:
         return self.models / ".resume" / f"c{cycle}"
@@ -223,9 +240,14 @@ class Paths:
         return self.reports / "sanity.json"
 
     @property
+    def sanity_twin(self) -> Path:
+        """The permuted-label twin (stage `sanity_twin`): its checkpoint and, in model.json, how it scored."""
+        return self.models / "sanity_twin"
+
+    @property
     def sanity_resume(self) -> Path:
-        """The permuted-label twin's training state, kept: a rerun with the same twin skips its training."""
-        return self.models / ".resume" / "sanity"
+        """The twin's resume point while it trains (a killed run continues from it), like resume_dir(k)."""
+        return self.models / ".resume" / "sanity_twin"
 
     # report
     @property

@@ -10,12 +10,14 @@ import logging
 import math
 
 import numpy as np
-from sklearn.metrics import (accuracy_score, confusion_matrix, f1_score, precision_score, recall_score,
-                             roc_auc_score, roc_curve)
+from sklearn.calibration import calibration_curve
+from sklearn.metrics import (accuracy_score, confusion_matrix, f1_score, precision_recall_curve, precision_score,
+                             recall_score, roc_auc_score, roc_curve)
 
 log = logging.getLogger(__name__)
 
 SUMMARY = ("f1", "accuracy", "sensitivity", "specificity")
+CALIBRATION_BINS = 10  # equal-width bins of the predicted probability for the reliability diagram
 
 
 def _known(y_true_1d, y_score_1d) -> tuple[np.ndarray, np.ndarray]:
@@ -97,7 +99,33 @@ def roc_curve_points(y_true_1d, y_score_1d, max_points: int = 200) -> dict:
     if len(np.unique(y)) < 2:
         return {"fpr": [], "tpr": []}
     fpr, tpr, _ = roc_curve(y, s)
-    if len(fpr) > max_points:
-        keep = np.unique(np.linspace(0, len(fpr) - 1, max(max_points, 2)).round().astype(int))
-        fpr, tpr = fpr[keep], tpr[keep]
-    return {"fpr": [float(v) for v in fpr], "tpr": [float(v) for v in tpr]}
+    fpr, tpr = _thin(max_points, fpr, tpr)
+    return {"fpr": fpr, "tpr": tpr}
+
+
+def _thin(max_points: int, *curves: np.ndarray) -> list[list[float]]:
+    """At most `max_points` points of equally long curves, always keeping both ends."""
+    if len(curves[0]) > max_points:
+        keep = np.unique(np.linspace(0, len(curves[0]) - 1, max(max_points, 2)).round().astype(int))
+        curves = tuple(c[keep] for c in curves)
+    return [[float(v) for v in c] for c in curves]
+
+
+def pr_curve_points(y_true_1d, y_score_1d, max_points: int = 200) -> dict:
+    """Precision-recall points for plotting, recall ascending, at most `max_points`; empty if one class."""
+    y, s = _known(y_true_1d, y_score_1d)
+    if len(np.unique(y)) < 2:
+        return {"recall": [], "precision": []}
+    precision, recall, _ = precision_recall_curve(y, s)
+    recall, precision = _thin(max_points, recall[::-1], precision[::-1])
+    return {"recall": recall, "precision": precision}
+
+
+def calibration_points(y_true_1d, y_score_1d, n_bins: int = CALIBRATION_BINS) -> dict:
+    """The reliability diagram: per non-empty probability bin, the mean predicted probability and the
+    observed positive rate; empty if one class."""
+    y, s = _known(y_true_1d, y_score_1d)
+    if len(np.unique(y)) < 2:
+        return {"mean_predicted": [], "observed_rate": []}
+    observed, predicted = calibration_curve(y, np.clip(s, 0.0, 1.0), n_bins=n_bins, strategy="uniform")
+    return {"mean_predicted": [float(v) for v in predicted], "observed_rate": [float(v) for v in observed]}

@@ -7,10 +7,11 @@ from pathlib import Path
 
 import yaml
 
+from pipeline.audit import audit_note
 from pipeline.config import Paths
 from pipeline.io import read_json
 from pipeline.metrics.sanity import SANITY_MAX
-from pipeline.audit import audit_note
+from pipeline.scores import CycleScores, sanity_line
 
 log = logging.getLogger(__name__)
 
@@ -27,8 +28,6 @@ LIMITATIONS = [
     "The anatomy masks come from a U-Net that can fail on unusual films; the in-anatomy share inherits its errors.",
     "Labels a dataset does not provide are not predicted meaningfully, whatever the score.",
 ]
-METRIC_KEYS = ("auroc_macro", "accuracy", "f1", "sensitivity", "specificity", "accuracy_shifted", "shortcut_gap",
-               "cam_in_anatomy", "pointing_game", "iou", "faithfulness", "sanity_rank_corr")
 
 
 def git_revision(root: Path) -> str | None:
@@ -103,7 +102,7 @@ def model_card(root: Path, info: dict, meta: dict, sha256: str, baseline_meta: d
     metrics = read_json(metrics_path) if metrics_path.is_file() else (info.get("metrics") or {})
     base_path = paths.cycle_metrics(0)
     base_metrics = read_json(base_path) if base_path.is_file() else None
-    sanity = metrics.get("sanity_rank_corr")
+    sanity_passed = CycleScores.of(metrics).sanity_passed
     permutation = label_permutation_entry(root, cycle)
     summary_path = paths.summary
     summary = read_json(summary_path) if summary_path.is_file() else {}
@@ -122,9 +121,9 @@ def model_card(root: Path, info: dict, meta: dict, sha256: str, baseline_meta: d
         "dvc_md5": dvc_output_md5(root, paths.model(cycle)),
         "stop_reason": info.get("stop_reason"),
         "baseline_cycle": baseline_meta.get("cycle") if baseline_meta else None,
-        "test_metrics": {k: metrics.get(k) for k in METRIC_KEYS},
-        "baseline_test_metrics": {k: base_metrics.get(k) for k in METRIC_KEYS} if base_metrics else None,
-        "sanity_flag": None if sanity is None else bool(sanity >= SANITY_MAX),
+        "test_metrics": {k: metrics.get(k) for k in CycleScores.CARD},
+        "baseline_test_metrics": {k: base_metrics.get(k) for k in CycleScores.CARD} if base_metrics else None,
+        "sanity_flag": None if sanity_passed is None else not sanity_passed,
         "sanity_max": SANITY_MAX,
         "label_permutation": permutation,
         "label_permutation_flag": None if permutation is None else permutation["passed"] is False,
@@ -142,7 +141,7 @@ def _fmt(v) -> str:
 
 def card_markdown(card: dict) -> str:
     rows = "\n".join(f"| {k} | {_fmt(card['test_metrics'].get(k))} | "
-                     f"{_fmt((card['baseline_test_metrics'] or {}).get(k))} |" for k in METRIC_KEYS)
+                     f"{_fmt((card['baseline_test_metrics'] or {}).get(k))} |" for k in CycleScores.CARD)
     sanity = ""
     if card["sanity_flag"]:
         sanity = (f"\n\n**⚠ Saliency sanity check failed**: heatmaps of a randomised model still correlate "
@@ -150,9 +149,7 @@ def card_markdown(card: dict) -> str:
                   "treat the heatmaps with extra caution.")
     lp = card.get("label_permutation")
     if lp is not None:
-        sanity += (f"\n\nLabel-permutation sanity check (a twin trained {_fmt(lp['epochs'])} epochs on permuted "
-                   f"labels): heatmap rank correlation {_fmt(lp['rank_corr'])} with this model's, "
-                   f"{'pass' if lp['passed'] else 'FAIL'} (below {lp['max']} passes).")
+        sanity += f"\n\n{sanity_line('label_permutation', lp, lp['max'])}"
     if card.get("label_permutation_flag"):
         figure = ("no heatmap pair could be compared" if lp["rank_corr"] is None else
                   f"they still correlate ρ = {lp['rank_corr']:.2f} (≥ {lp['max']}) with this model's")
