@@ -164,12 +164,18 @@ class Plan:
 
 
 def make_plan(p: EnhanceParams, cams: ArrayStore, masks: ArrayStore, train_idx: np.ndarray,
-              labels: list[str]) -> Plan:
-    """Pool the training set's CAMs (aligned with `train_idx`) into the hot and keep regions."""
+              labels: list[str], reviewed: np.ndarray | None = None) -> Plan:
+    """Pool the training set's CAMs (aligned with `train_idx`) into the hot and keep regions.
+
+    `reviewed`: the region clinicians marked as shortcuts (pipeline.feedback.shortcut_region), hot
+    whatever the CAMs say: decorrelated even inside the anatomy margin, never kept."""
     if len(cams) != len(train_idx):
         raise ValueError(f"CAM store has {len(cams)} items for {len(train_idx)} training images")
     atlas, keep_atlas, stats = off_anatomy_atlas(cams, _Subset(masks, train_idx), labels, p.keep_share)
     hot = atlas >= p.cam_threshold if atlas.max() > 0 else None
+    if reviewed is not None:
+        hot = reviewed.copy() if hot is None else hot | reviewed
+    stats["reviewed_fraction"] = float(reviewed.mean()) if reviewed is not None else 0.0
     trusted = stats["accurate_cams"] >= KEEP_MIN_SUPPORT * (stats["accurate_cams"] + stats["voting_cams"])
     keep = keep_atlas >= p.cam_threshold if trusted and keep_atlas.max() > 0 else None
     if keep is not None and hot is not None:
@@ -215,14 +221,16 @@ def apply_plan(p: EnhanceParams, plan: Plan, images: ArrayStore, masks: ArraySto
     tasks = ((p, plan.hot, plan.keep, str(images.root.resolve()), str(masks.root.resolve()), rows[s],
               rows[donor_of[s]], cams_root, local[s], None if targets is None else targets[s])
              for s in shard_slices(len(rows), shard_size))
-    return write_store(out_dir, engine.map(enhance_shard, tasks), np.uint8, shard_size, attrs={"policy": p.policy})
+    return write_store(out_dir, engine.map(enhance_shard, tasks), np.uint8, shard_size, attrs={"policy": p.policy},
+                       progress="enhance", total=len(rows))
 
 
 def enhance(p: EnhanceParams, images: ArrayStore, masks: ArrayStore, cams: ArrayStore,
             train_idx: np.ndarray, targets: np.ndarray, labels: list[str], out_dir, shard_size: int,
-            cycle: int, engine: Engine | None = None) -> tuple[ArrayStore, Plan]:
-    """Plan from the training CAMs and write the enhanced training images (aligned with `train_idx`)."""
-    plan = make_plan(p, cams, masks, train_idx, labels)
+            cycle: int, engine: Engine | None = None, reviewed: np.ndarray | None = None) -> tuple[ArrayStore, Plan]:
+    """Plan from the training CAMs (and the reviewers' shortcut region) and write the enhanced training
+    images (aligned with `train_idx`)."""
+    plan = make_plan(p, cams, masks, train_idx, labels, reviewed)
     store = apply_plan(p, plan, images, masks, train_idx, out_dir, shard_size, [p.seed, cycle], cams, targets,
                        engine)
     plan.stats["n_images"] = int(len(train_idx))

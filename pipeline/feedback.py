@@ -302,3 +302,12 @@ def boxes_mask(boxes: list[dict], size: int) -> np.ndarray:
         x1, y1 = int(np.ceil((b["x"] + b["w"]) * scale)), int(np.ceil((b["y"] + b["h"]) * scale))
         mask[max(0, y0):min(size, y1), max(0, x0):min(size, x1)] = True
     return mask
+
+
+def shortcut_region(paths: Paths, size: int) -> tuple[np.ndarray | None, int]:
+    """(mask, number of boxes): every shortcut box in force, from any film, as one (size, size) region,
+    or None when reviewers marked none. The enhancement decorrelates it on every training film and
+    `train.rrr_weight` penalises the input gradient inside it (the same region for every image, as the
+    enhancement's own regions are: docs/enhancement.md, rule 1)."""
+    boxes = [b for bs in shortcut_boxes(load_feedback(paths)).values() for b in bs]
+    return (boxes_mask(boxes, size), len(boxes)) if boxes else (None, 0)

@@ -120,6 +120,22 @@ def masked_bce(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return nn.functional.binary_cross_entropy_with_logits(logits[known], targets[known])
 
 
+@dataclass
+class RightReasons:
+    """Right for the right reasons (Ross et al., 2017): `weight` times the squared input gradient of the
+    summed log-probabilities inside `region` (bool (S, S): the clinicians' shortcut boxes,
+    pipeline.feedback.shortcut_region), per image. A model that reads a marked shortcut pays for it.
+    Costs a second backward pass (double backprop) on every step."""
+    weight: float
+    region: np.ndarray
+
+    def penalty(self, logits: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        log_probs = nn.functional.logsigmoid(logits.float()).sum()
+        (grad,) = torch.autograd.grad(log_probs, x, create_graph=True)
+        region = torch.as_tensor(self.region, dtype=grad.dtype, device=grad.device)
+        return self.weight * (grad.pow(2) * region).sum() / len(x)
+
+
 def _val_score(y_true: np.ndarray, probs: np.ndarray, labels: list[str]) -> tuple[float, float]:
     """(selection score, val loss): macro AUROC when defined, else negative loss."""
     known = ~np.isnan(y_true)
@@ -245,13 +261,14 @@ def _settings_problem(meta: dict, opt: torch.optim.Optimizer,
 def train_classifier(model: nn.Module, spec: TrainSpec, labels: list[str], train: Rows, select: Rows,
                      resume_dir: Path, fingerprint_extra: dict | None = None, calibrate: Rows | None = None,
                      keep_last: bool = False, compute: Compute = CPU, num_workers: int = 0,
-                     checkpoint_every: int = 0) -> dict:
+                     checkpoint_every: int = 0, rrr: "RightReasons | None" = None) -> dict:
     """Train in place and load the weights that score best on `select` into `model`.
 
     Operating thresholds are chosen on `calibrate` (default: `select`), the images the model will
     meet. `keep_last`: keep the last epoch's weights instead (`select` is still scored every epoch).
     `num_workers` DataLoader processes read and augment (the batches do not depend on it);
-    `checkpoint_every` > 0 writes a resume point every that many steps within an epoch.
+    `checkpoint_every` > 0 writes a resume point every that many steps within an epoch. `rrr` adds
+    the right-for-the-right-reasons penalty (RightReasons).
     Returns {"history": [...per epoch...], "best_epoch", "best_score", "thresholds"}.
     """
     # dropout draws from torch's global generator: seed it from the spec inside a fork, so a run is
@@ -259,12 +276,12 @@ def train_classifier(model: nn.Module, spec: TrainSpec, labels: list[str], train
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(spec.seed + distributed.rank())  # dropout differs between ranks, reproducibly
         return _train(model, spec, labels, train, select, resume_dir, fingerprint_extra, calibrate, keep_last,
-                      compute, num_workers, checkpoint_every)
+                      compute, num_workers, checkpoint_every, rrr)
 
 
 def _train(model: nn.Module, spec: TrainSpec, labels: list[str], train: Rows, select: Rows, resume_dir: Path,
            fingerprint_extra: dict | None, calibrate: Rows | None, keep_last: bool, compute: Compute,
-           num_workers: int, checkpoint_every: int) -> dict:
+           num_workers: int, checkpoint_every: int, rrr: "RightReasons | None" = None) -> dict:
     calibrate = calibrate or select
     trainable = [name for name, p in model.named_parameters() if p.requires_grad]
     if not trainable:
@@ -277,7 +294,9 @@ def _train(model: nn.Module, spec: TrainSpec, labels: list[str], train: Rows, se
     sharding = {"world_size": world} if world > 1 else {}
     precision = {"precision": compute.precision} if compute.precision != "fp32" else {}
     fingerprint = spec.fingerprint({**(fingerprint_extra or {}), "trainable": frozen_key, **sharding, **precision,
-                                    "resume_format": RESUME_FORMAT, **({"keep_last": True} if keep_last else {})})
+                                    "resume_format": RESUME_FORMAT, **({"keep_last": True} if keep_last else {}),
+                                    **({"rrr": [rrr.weight, hashlib.sha256(np.packbits(rrr.region)).hexdigest()[:16]]}
+                                       if rrr is not None else {})})
     # under DDP each rank has its own GPU (cuda:LOCAL_RANK) or the CPU, as the backend chose
     device = distributed.device() if world > 1 else compute.device
     if device.type != "cpu":
@@ -355,9 +374,13 @@ def _train(model: nn.Module, spec: TrainSpec, labels: list[str], train: Rows, se
             x = to_model_input(x)
             if device.type != "cpu":
                 x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            if rrr is not None:
+                x.requires_grad_(True)
             with compute.autocast():
                 logits = net(x)
             loss = masked_bce(logits.float(), y)
+            if rrr is not None:
+                loss = loss + rrr.penalty(logits, x)
             optimiser_step(loss, opt, scaler)
             sched.step()
             total += float(loss.detach()) * len(x)

@@ -226,8 +226,8 @@ def flow_order(stages) -> list[str]:
     """The order flows/refine.py runs stages in (a topological order of dvc.yaml), then any others."""
     cycles = sorted({int(s.split("@c")[1]) for s in stages if "@c" in s})
     order = ["prepare", "segment", "audit", "train_baseline", "evaluate_baseline",
-             *[f"{s}@c{k}" for k in cycles for s in ("cam", "enhance", "train", "evaluate")], "sanity_twin", "sanity",
-             "report"]
+             *[f"{s}@c{k}" for k in cycles for s in ("cam", "enhance", "train", "evaluate")],
+             "sanity_twin", "sanity", "review_scores", "report"]
     return [s for s in order if s in stages] + [s for s in stages if s not in order]
 
 

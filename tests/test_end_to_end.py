@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -60,6 +61,28 @@ def test_outputs_and_summary_schema(repro_project):
     assert (p / "reports" / "figures" / "before_after.png").stat().st_size > 1000
 
 
+def test_the_label_permutation_twin_is_a_dvc_output_checked_before_use(repro_project):
+    """The twin lives in models/sanity_twin (DVC-tracked, so the cache and remotes carry it); the sanity
+    stage refuses one trained for other params, and its figures are those of the twin's checkpoint."""
+    from pipeline.config import Paths, load_params
+    from pipeline.sanity_checks import load_twin
+
+    p = repro_project
+    assert "models/sanity_twin" in [o["path"] for o in yaml.safe_load((p / "dvc.lock").read_text())
+                                    ["stages"]["sanity_twin"]["outs"]]
+    assert not (p / "models" / ".resume" / "sanity_twin" / "state.safetensors").exists()  # done: DVC keeps it
+    params, paths = load_params(p / "params.yaml"), Paths(p)
+    labels = json.loads((p / "reports" / "summary.json").read_text())["labels"]
+    twin, meta = load_twin(params, paths, labels, "cpu")
+    lp = json.loads((p / "reports" / "sanity.json").read_text())["label_permutation"]
+    assert lp["twin_val_loss"] == meta["twin"]["twin_val_loss"] and lp["epochs"] == meta["identity"]["epochs"] == 2
+    other = params.model_copy(update={"sanity": params.sanity.model_copy(update={"seed": 1})})
+    with pytest.raises(ValueError, match="trained for other params"):
+        load_twin(other, paths, labels, "cpu")
+    with pytest.raises(ValueError, match="trained for other params"):
+        load_twin(params, paths, labels[::-1], "cpu")
+
+
 def test_counterfactual_cycles_shrink_the_shortcut_gap(repro_project):
     """The project's main result, on a small phantom run: cycle 0 reads the planted markers (a clear gap
     between test and test_shifted), and the counterfactual cycles close most of it (measured on this
@@ -93,7 +116,6 @@ def test_second_repro_runs_nothing_and_is_fast(repro_project):
 
 @pytest.mark.slow
 def test_enhance_param_reruns_only_downstream(repro_project, tmp_path):
-    import shutil
 
     p = tmp_path / "p"
     shutil.copytree(repro_project, p, symlinks=True)
@@ -103,7 +125,36 @@ def test_enhance_param_reruns_only_downstream(repro_project, tmp_path):
     proc = dvc(p, "repro")
     ran = {line.split("'")[1] for line in proc.stdout.splitlines() if line.startswith("Running stage")}
     assert ran == {"enhance@c1", "train@c1", "evaluate@c1", "cam@c2", "enhance@c2", "train@c2",
-                   "evaluate@c2", "sanity", "report"}, proc.stdout
+                   "evaluate@c2", "sanity", "review_scores", "report"}, proc.stdout
+
+
+def test_an_early_stop_skips_the_later_cycles_and_leaves_dvc_status_clean(repro_project, prefect_harness, tmp_path):
+    """A stop rule that fires after cycle 1: `dvc repro` runs cycle 2's stages as placeholders, the
+    report covers cycles 0-1 with the rule's reason, `dvc status` is clean, and the Prefect flow on the
+    same project then agrees and runs nothing."""
+    from flows.refine import refine
+
+    p = tmp_path / "p"
+    shutil.copytree(repro_project, p, symlinks=True)
+    params = yaml.safe_load((p / "params.yaml").read_text())
+    params["flow"].update(min_gain=1.0, patience=1)  # no cycle can gain 1.0: stop after cycle 1
+    (p / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    proc = dvc(p, "repro")
+    ran = [line.split("'")[1] for line in proc.stdout.splitlines() if line.startswith("Running stage")]
+    assert "train@c1" not in ran and {"cam@c2", "enhance@c2", "train@c2", "evaluate@c2", "report"} <= set(ran), ran
+    stopped = json.loads((p / "reports" / "cycles" / "c2" / "metrics.json").read_text())
+    assert stopped["cycle"] == 2 and "localisation gained less than 1.0" in stopped["stopped"]
+    assert (p / "models" / "c2" / "stopped.json").is_file() and not (p / "models" / "c2" / "model.safetensors").exists()
+    summary = json.loads((p / "reports" / "summary.json").read_text())
+    assert [c["cycle"] for c in summary["cycles"]] == [0, 1] and summary["stop_reason"] == stopped["stopped"]
+    assert json.loads((p / "models" / "latest.json").read_text())["cycle"] in (0, 1)
+    assert set(json.loads((p / "reports" / "sanity.json").read_text())["label_permutation"]["by_cycle"]) == {"c0", "c1"}
+    status = dvc(p, "status", "--json")
+    assert json.loads(status.stdout) == {}, status.stdout
+    lock = (p / "dvc.lock").read_text()
+    result = refine(root=str(p))
+    assert [c["cycle"] for c in result["cycles"]] == [0, 1] and result["stop_reason"] == stopped["stopped"]
+    assert (p / "dvc.lock").read_text() == lock and json.loads(dvc(p, "status", "--json").stdout) == {}
 
 
 def test_metrics_show_lists_headline_scores_per_cycle(repro_project):
@@ -159,8 +210,9 @@ def test_flow_against_a_running_prefect_server(repro_project, tmp_path):
                                      headers={"content-type": "application/json"})
         with urllib.request.urlopen(req, timeout=10) as r:
             n_tasks = json.load(r)
-        ran = len(json.loads((repro_project / "reports" / "summary.json").read_text())["cycles"]) - 1
-        assert n_tasks == 5 + 4 * ran + 2  # 5 set-up stages (audit included), 4 per cycle, sanity, report
+        n_cycles = len(yaml.safe_load((repro_project / "params.yaml").read_text())["cycles"])
+        # 5 set-up stages (audit included), 4 per cycle, the twin, sanity, review_scores, report
+        assert n_tasks == 5 + 4 * n_cycles + 4
     finally:
         os.killpg(server.pid, signal.SIGTERM)
         server.wait(timeout=30)

@@ -169,6 +169,9 @@ class TrainParams(_Section):
     # DDP: the train stage launches torchrun with this many processes (GPUs, or gloo on the CPU)
     nproc_per_node: int = Field(1, ge=1, le=64)
     seed: int = 0
+    # right for the right reasons (Ross et al., 2017) in the fine-tuning cycles: the weight of the squared
+    # input gradient inside the clinicians' shortcut boxes (data/feedback); 0 = off
+    rrr_weight: float = Field(0.0, ge=0)
     model_kwargs: dict = {}                       # builder options, e.g. {head: bn_mlp, pool: max}
     # partial fine-tuning: only the last N parameter tensors, or only these named modules, train
     trainable_last_n: int | None = Field(None, ge=1)

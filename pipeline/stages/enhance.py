@@ -11,6 +11,7 @@ from pipeline.data.manifest import label_matrix, resolve_labels, rows
 from pipeline.data.store import ArrayStore
 from pipeline.engine import open_engine
 from pipeline.enhance import LABEL_BLIND, apply_plan, class_separability, enhance
+from pipeline.feedback import shortcut_region
 from pipeline.io import write_json
 from pipeline.stages.common import cycle_arg, skip_if_stopped, stage_main
 
@@ -30,13 +31,15 @@ def run(params, paths, args) -> None:
     images, masks, cams = ArrayStore(paths.images), open_masks(paths.masks), ArrayStore(paths.cams(k))
     if cams.attrs.get("labels") != labels:
         raise ValueError(f"CAMs of c{k} are for labels {cams.attrs.get('labels')}, expected {labels}")
+    reviewed, n_boxes = shortcut_region(paths, images.item_shape[-1])  # clinicians' shortcut marks
     with open_engine(params.engine, params.compute.device) as engine:
         out, plan = enhance(p, images, masks, cams, train_idx, targets, labels, paths.enhanced_train(k),
-                            params.data.shard_size, cycle=k, engine=engine)
+                            params.data.shard_size, cycle=k, engine=engine, reviewed=reviewed)
         if p.policy in LABEL_BLIND and len(val_idx):  # the same transform, so selection sees no shortcut either
             apply_plan(p, plan, images, masks, val_idx, paths.enhanced_val(k), params.data.shard_size,
                        [p.seed, k, 1], engine=engine)
     stats = plan.stats
+    stats["reviewed_shortcut_boxes"] = n_boxes
     sample = np.arange(min(SEPARABILITY_SAMPLE, len(train_idx)))
     raw, enh = images.read(train_idx[sample]), out.read(sample)
     region = masks.read(train_idx[sample]) > 0

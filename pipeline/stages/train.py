@@ -23,11 +23,12 @@ from pipeline import distributed
 from pipeline.data.manifest import label_matrix, resolve_labels, rows
 from pipeline.data.store import ArrayStore
 from pipeline.data.transforms import NORMALISATION
+from pipeline.feedback import shortcut_region
 from pipeline.io import write_text
 from pipeline.models.checkpoint import MODEL_FILE, file_sha256, load_model, save_model
 from pipeline.models.freeze import apply_trainable
 from pipeline.stages.common import cycle_arg, skip_if_stopped, stage_main
-from pipeline.training import (RESUME_FILE, Rows, TrainSpec, baseline_model, baseline_spec, run_options,
+from pipeline.training import (RESUME_FILE, RightReasons, Rows, TrainSpec, baseline_model, baseline_spec, run_options,
                                start_fingerprint, train_classifier)
 
 log = logging.getLogger(__name__)
@@ -94,12 +95,19 @@ def _run(params, paths, args) -> None:
                                + (train_store.root / "index.json").read_bytes()
                                + (select.store.root / "index.json").read_bytes()
                                + paths.manifest.read_bytes()).hexdigest()[:16]
+    rrr = None
+    if k and tp.rrr_weight > 0:
+        region, n_boxes = shortcut_region(paths, params.data.image_size)
+        if region is not None:
+            rrr = RightReasons(tp.rrr_weight, region)
+            log.info("cycle %d: right-for-the-right-reasons penalty %.3g over %d shortcut boxes (%.1f %% of the image)",
+                     k, tp.rrr_weight, n_boxes, 100 * region.mean())
     resume_dir = paths.resume_dir(k)
     result = train_classifier(model, spec, labels, Rows(train_store, train_idx, y_train), select, resume_dir,
                               fingerprint_extra={"data": data_hash, "parent": parent,
                                                  **start_fingerprint(arch, model_kwargs, labels,
                                                                      tp.weights if k == 0 else None)},
-                              calibrate=raw_val, **run_options(params))
+                              calibrate=raw_val, rrr=rrr, **run_options(params))
     meta = {
         "arch": arch, "model_kwargs": model_kwargs, "trainable": trainable,
         "labels": labels, "image_size": params.data.image_size,
@@ -109,6 +117,7 @@ def _run(params, paths, args) -> None:
         "thresholds": result["thresholds"], "best_epoch": result["best_epoch"], "val_auroc": result["best_score"],
         "selected_on": "enhanced val" if select is not raw_val else "val",
         "epochs": spec.epochs, "lr": spec.lr, "seed": spec.seed, "world_size": distributed.world_size(),
+        "rrr_weight": rrr.weight if rrr is not None else 0.0,
     }
     if distributed.is_main():
         save_model(paths.model(k), model, meta)
