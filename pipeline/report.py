@@ -25,9 +25,9 @@ from pipeline.scores import SANITY_CHECKS, CycleScores, sanity_lines, verdict
 
 log = logging.getLogger(__name__)
 
-# CycleScores owns the keys; these names stay until flows/refine.py and tests/test_end_to_end.py,
-# which import them from here, import CycleScores
-TABLE_KEYS, SUMMARY_KEYS = CycleScores.TABLE, CycleScores.SUMMARY
+# CycleScores owns the keys; this name stays until flows/refine.py and flows/publish.py, which import
+# it from here, import CycleScores.TABLE
+TABLE_KEYS = CycleScores.TABLE
 
 
 def load_cycles(paths: Paths, cycle_ids: list[int], last_cycle: int | None = None) -> list[dict]:

@@ -14,7 +14,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from pipeline.report import SUMMARY_KEYS
+from pipeline.scores import CycleScores
 from tests.conftest import ROOT, tiny_params
 from tests.helpers import free_port, make_project
 
@@ -39,7 +39,7 @@ def test_outputs_and_summary_schema(repro_project):
     assert summary["labels"] == ["Cardiomegaly", "Lung Lesion", "Pneumonia", "Pleural Effusion"]
     assert [c["cycle"] for c in summary["cycles"]] == [0, 1, 2]
     for c in summary["cycles"]:
-        assert set(SUMMARY_KEYS) <= set(c)
+        assert set(CycleScores.SUMMARY) <= set(c)
         assert 0.0 <= c["auroc_macro"] <= 1.0 and 0.0 <= c["accuracy"] <= 1.0
         assert c["shortcut_gap"] == pytest.approx(c["accuracy"] - c["accuracy_shifted"])
         assert c["pointing_game"] is not None and c["sanity_rank_corr"] is not None
@@ -161,7 +161,7 @@ def test_metrics_show_lists_headline_scores_per_cycle(repro_project):
     proc = dvc(repro_project, "metrics", "show", "--json")
     files = next(iter(json.loads(proc.stdout).values()))["data"]
     c2 = files["reports/cycles/c2/metrics.json"]["data"]
-    assert set(c2) == {*SUMMARY_KEYS, "auroc_shifted"} and c2["cycle"] == 2   # no audit: no marker figures
+    assert set(c2) == {*CycleScores.SUMMARY, "auroc_shifted"} and c2["cycle"] == 2   # no audit: no marker figures
     summary = json.loads((repro_project / "reports" / "summary.json").read_text())
     assert c2["accuracy_shifted"] == summary["cycles"][2]["accuracy_shifted"]
     assert "reports/segment/metrics.json" in files
