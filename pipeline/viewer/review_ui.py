@@ -263,7 +263,7 @@ def review_tab(films: ReviewFilms, users: Users):
         with gr.Row():
             prev_btn = gr.Button("◀ Previous (p)", elem_id="review-prev", size="sm")
             next_btn = gr.Button("Next (n) ▶", elem_id="review-next", size="sm")
-            todo_btn = gr.Button("Next unreviewed (u) ⏭", elem_id="review-next-unreviewed", size="sm")
+            todo_btn = gr.Button("Next unreviewed (u) »", elem_id="review-next-unreviewed", size="sm")
         probs = gr.HTML("", elem_id="review-probs")
         label = gr.Radio(choices=[], label="Label to mark", elem_id="review-label", interactive=True)
         figs = gr.HTML("", elem_id="review-heatmaps")
@@ -276,10 +276,10 @@ def review_tab(films: ReviewFilms, users: Users):
                 heat = gr.Radio(HEATMAP_CHOICES, value=None, label="The heatmap lies (1 / 2 / 3)",
                                 elem_id="review-heatmap", interactive=True)
                 with gr.Row():
-                    bx = gr.Number(label="x", precision=0, elem_id="box-x", minimum=0)
-                    by = gr.Number(label="y", precision=0, elem_id="box-y", minimum=0)
-                    bw = gr.Number(label="w", precision=0, elem_id="box-w", minimum=1)
-                    bh = gr.Number(label="h", precision=0, elem_id="box-h", minimum=1)
+                    bx = gr.Number(None, label="x", precision=0, elem_id="box-x", minimum=0)
+                    by = gr.Number(None, label="y", precision=0, elem_id="box-y", minimum=0)
+                    bw = gr.Number(None, label="w", precision=0, elem_id="box-w", minimum=1)
+                    bh = gr.Number(None, label="h", precision=0, elem_id="box-h", minimum=1)
                 with gr.Row():
                     kind = gr.Dropdown(list(BOX_KINDS), value="evidence", label="box around", elem_id="box-kind")
                     what = gr.Dropdown(list(SHORTCUT_WHATS), value="marker", label="shortcut kind", elem_id="box-what")
