@@ -38,6 +38,7 @@ from pipeline.viewer.shortcut_warning import RULE, SHORTCUT_LIFT, warns
 
 log = logging.getLogger(__name__)
 
+FIXED_SHARE = 0.5         # the rule the lift replaced (a share below it warned), reported beside it
 MARKER_MIN = 112          # uint8: phantom marker pixels stay above ~120 after blur; the film's top corners below ~100
 MARKER_CORNERS = {"letter": "left", "token": "right"}
 
@@ -86,9 +87,15 @@ def marker_masks(paths: Paths, params, frame: pd.DataFrame, images: np.ndarray) 
     return out
 
 
-def _rate(flags: list[bool]) -> dict:
-    return {"calls": len(flags), "warned": int(sum(flags)),
-            "warned_share": round(float(np.mean(flags)), 4) if flags else None}
+def _rate(calls: list[tuple[float, float]]) -> dict:
+    """Warn counts of (lift, energy share) pairs, the lift's deciles 1/5/9, and what the fixed share rule did."""
+    lifts = np.array([c[0] for c in calls], float)
+    warned = [bool(warns(v)) for v in lifts]
+    old = [c[1] < FIXED_SHARE for c in calls]
+    return {"calls": len(calls), "warned": int(sum(warned)),
+            "warned_share": round(float(np.mean(warned)), 4) if calls else None,
+            "lift_p10_p50_p90": [round(float(q), 3) for q in np.percentile(lifts, [10, 50, 90])] if calls else None,
+            f"fixed_share_{FIXED_SHARE:g}_warned_share": round(float(np.mean(old)), 4) if calls else None}
 
 
 def measure(root: str | Path, split: str = "test", limit: int | None = None) -> dict:
@@ -120,12 +127,12 @@ def measure(root: str | Path, split: str = "test", limit: int | None = None) -> 
             if result is None:
                 continue
             for j in np.flatnonzero(result.probabilities >= thresholds):
-                warned = warns(result.lifts[j])
-                if warned is None:
+                if result.lifts[j] is None:
                     continue   # an empty heatmap or no anatomy: nothing to judge
-                flags.append(warned)
+                call = (result.lifts[j], result.shares[j])
+                flags.append(call)
                 if mask is not None and pointing_game_hit(result.cams[j], _fit(mask, result.cams[j].shape), tolerance):
-                    marker_flags.append(warned)
+                    marker_flags.append(call)
     out = {"root": str(root), "split": split, "films": len(frame),
            "films_with_markers": int(sum(m is not None for m in markers)), "rule": RULE, "lift_below": SHORTCUT_LIFT,
            "served": {"cycle": served.cycle, **_rate(served_flags), "on_marker": _rate(served_marker_flags)}}
