@@ -102,6 +102,10 @@ def test_next_gives_the_first_unfinished_film_with_its_analysis_and_progress(vie
     skipped = httpx.get(viewer.url + "/api/v1/review/next", auth=auth, params={"after": after["image_id"]},
                         timeout=60).json()
     assert ids.index(skipped["image_id"]) > ids.index(after["image_id"])
+    # `after` is only ever looked up among the run's ids: anything else starts from the first film
+    odd = httpx.get(viewer.url + "/api/v1/review/next", auth=auth, params={"after": "../../params.yaml"},
+                    timeout=60)
+    assert odd.status_code == 200 and odd.json()["image_id"] == after["image_id"] and b"image_size:" not in odd.content
     # another reviewer's progress is their own
     other = httpx.get(viewer.url + "/api/v1/review/next", auth=("rev7", REVIEWERS["rev7"]), timeout=60).json()
     assert other["reviewed"] == 0
@@ -133,6 +137,7 @@ BOX = {"x": 1, "y": 1, "w": 4, "h": 4, "kind": "shortcut", "what": "marker"}
     ("unknown image id", {"marks": [mark("P99999_9")]}, 422, "no film"),
     ("a train film", {"marks": [mark("{train}")]}, 422, "no film"),
     ("a file name for an image id", {"marks": [mark("ZEBEDEE_MARGARETHE.dcm")]}, 422, "no film"),
+    ("a path for an image id", {"marks": [mark("../../params.yaml")]}, 422, "no film"),
     ("bad call", {"marks": [mark("{id}", call="yes")]}, 422, "call must be one of"),
     ("bad heatmap verdict", {"marks": [mark("{id}", heatmap="lungs")]}, 422, "heatmap must be one of"),
     ("marks not a list", {"marks": mark("{id}")}, 422, "must be lists"),
