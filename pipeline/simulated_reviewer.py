@@ -25,6 +25,7 @@ from pipeline.data.manifest import resolve_labels, rows
 from pipeline.data.record import decode_anatomy
 from pipeline.data.store import ArrayStore
 from pipeline.feedback import ReviewScope, append
+from pipeline.io import read_json
 from pipeline.models.checkpoint import MODEL_FILE, file_sha256
 from pipeline.viewer.warning_check import MARKER_CORNERS, phantom_marker_box
 
@@ -44,12 +45,11 @@ def _scope(paths: Paths, params, split: str) -> tuple[pd.DataFrame, np.ndarray, 
 
 def _served(paths: Paths) -> tuple[str | None, int | None]:
     """The sha256 and cycle of the model the simulated reviewer 'saw' (the served one, when there is one)."""
-    import json
-
     if not paths.latest.is_file():
         return None, None
-    latest = json.loads(paths.latest.read_text())
-    return file_sha256(paths.root / latest["checkpoint"] / MODEL_FILE), latest["cycle"]
+    latest = read_json(paths.latest)
+    weights = paths.root / latest["checkpoint"]
+    return file_sha256(weights / MODEL_FILE if weights.is_dir() else weights), latest["cycle"]
 
 
 def mark_markers(root: str = ".", n: int = 50, split: str = "train", seed: int = 0) -> int:

@@ -25,10 +25,11 @@ def _dvc(project, *args):
 def reviewed(tmp_path_factory):
     """A copy of the session's tiny project, reviewed by the simulated reviewer, then `dvc repro`."""
     from pipeline.simulated_reviewer import mark_lung_fields, mark_markers
-    from tests.viewer_support import trained_project
+    from tests.viewer_support import serve_cycle, trained_project
 
     p = tmp_path_factory.mktemp("reviewed") / "p"
     shutil.copytree(trained_project(), p, symlinks=True)
+    serve_cycle(p, 0)  # the reviewer sees cycle 0, which the review does not retrain: its calls stay known
     before = json.loads((p / "reports" / "summary.json").read_text())
     n_markers = mark_markers(str(p), n=10)
     n_lungs = mark_lung_fields(str(p), n=8, label="Pneumonia")
@@ -64,7 +65,9 @@ def test_evidence_boxes_score_every_cycle(reviewed):
     for c in review["cycles"]:
         assert c["n_evidence_boxes"] == n_lungs
         assert 0.0 <= c["pointing_game_reviewed"] <= 1.0 and 0.0 <= c["iou_reviewed"] <= 1.0
-        assert c["n_reviewed_calls"] >= 1 and 0.0 <= c["agreement_with_reviewers"] <= 1.0
+        assert c["n_reviewed_calls"] == 10 + n_lungs and 0.0 <= c["agreement_with_reviewers"] <= 1.0
+    assert review["n_marks_on_other_models"] == 0
+    assert review["cycles"][0]["agreement_with_reviewers"] == 1.0  # every mark agreed with cycle 0's calls
     # cycle 0 was not retrained: its reviewed scores use the same weights as before the review
     summary = json.loads((p / "reports" / "summary.json").read_text())
     assert summary["cycles"][0]["auroc_macro"] == before["cycles"][0]["auroc_macro"]
