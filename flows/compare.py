@@ -15,7 +15,10 @@ import sys
 from pathlib import Path
 
 from prefect import flow, get_run_logger, task
+from prefect.runtime import flow_run
 
+from flows.publish import run_name
+from flows.stage_log import run_logged
 from pipeline.compute import clean_thread_env
 from pipeline.config import ConfigError, Paths, load_params
 from pipeline.enhance import POLICIES
@@ -24,9 +27,13 @@ from pipeline.report import build_policy_comparison, format_policy_table
 EXP_PREFIX = "policy-"
 
 
+def _env() -> dict[str, str]:
+    return {**clean_thread_env(os.environ), "DVC_NO_ANALYTICS": "1"}
+
+
 def _dvc(args: list[str], root: str, check: bool = True) -> subprocess.CompletedProcess:
     proc = subprocess.run([sys.executable, "-m", "dvc", *args], cwd=root, capture_output=True, text=True,
-                          env={**clean_thread_env(os.environ), "DVC_NO_ANALYTICS": "1"})
+                          env=_env())
     if check and proc.returncode:
         tail = "\n".join((proc.stdout + proc.stderr).strip().splitlines()[-15:])
         raise RuntimeError(f"dvc {' '.join(args)} failed (exit {proc.returncode}):\n{tail}")
@@ -37,7 +44,8 @@ def _dvc(args: list[str], root: str, check: bool = True) -> subprocess.Completed
 def run_policy(policy: str, root: str, prefix: str = EXP_PREFIX, sets: tuple[str, ...] = (),
                temp: bool = True) -> str:
     """One experiment: `sets` (`-S` arguments) plus the policy; `temp` runs it in a temporary copy, else in
-    the workspace (which then holds its outputs and params, as after any `dvc exp run`)."""
+    the workspace (which then holds its outputs and params, as after any `dvc exp run`). Its stages'
+    output reaches the run log as it is written, each line tagged with its stage."""
     name = prefix + policy
     _dvc(["exp", "remove", name], root, check=False)  # a rerun replaces the previous experiment
     args = [*sets, "-S", f"enhance.policy={policy}"]
@@ -46,8 +54,9 @@ def run_policy(policy: str, root: str, prefix: str = EXP_PREFIX, sets: tuple[str
         # changes) is trained in each experiment's temporary copy
         args += ["-S", "sanity.label_permutation=false"]
     cmd = ["exp", "run", *(["--temp"] if temp else []), "-n", name, *args]
-    get_run_logger().info("$ dvc %s", " ".join(cmd))
-    _dvc(cmd, root)
+    logger = get_run_logger()
+    logger.info("$ dvc %s", " ".join(cmd))
+    run_logged([sys.executable, "-m", "dvc", *cmd], root, _env(), logger, name)
     return name
 
 
@@ -80,7 +89,14 @@ def check_committed(root: str) -> None:
         raise RuntimeError("DVC experiments need a git commit: commit the project first")
 
 
-@flow(name="cxr-compare-policies", log_prints=False)
+def _run_name() -> str:
+    """The run's name: its dataset and the policies compared (`phantom-counterfactual-overlay-<time>`)."""
+    root = flow_run.parameters.get("root", ".")
+    source = load_params(Paths(root).params).data.source
+    return run_name(source, *(flow_run.parameters.get("policies") or POLICIES))
+
+
+@flow(name="cxr-compare-policies", flow_run_name=_run_name, log_prints=False)
 def compare_policies(root: str = ".", policies: list[str] | None = None) -> dict:
     """Run the cycle once per enhancement policy; returns reports/policies/summary.json."""
     logger = get_run_logger()

@@ -21,16 +21,19 @@ import time
 from pathlib import Path
 
 from prefect import flow, get_run_logger
+from prefect.runtime import flow_run
 
 from flows.compare import check_committed, collect, run_policy
+from flows.publish import run_name
 from pipeline.audit import read_audit_summary
 from pipeline.config import ConfigError, Paths, real_data_dir
 from pipeline.enhance import POLICIES
-from pipeline.presets import dvc_set_args, resolve
+from pipeline.presets import dvc_set_args, load_preset, resolve
 from pipeline.report import build_policy_comparison, format_policy_table
 
 PRESET = "real-kermany-jsrt"
 EXP_PREFIX = "real-"
+DEFAULT_POLICY = "counterfactual"
 # the claim on real films, last cycle vs cycle 0 (README, "Real radiographs")
 TARGETS = {"cam_in_anatomy_gain": 0.25, "shortcut_gap_max": 0.03, "auroc_drop_max": 0.02}
 
@@ -66,7 +69,13 @@ def targets(cycles: list[dict]) -> dict:
     }
 
 
-@flow(name="cxr-real", log_prints=False)
+def _run_name() -> str:
+    """The run's name: the preset's dataset and the policies (`kermany-counterfactual-<time>`)."""
+    source = load_preset(PRESET, flow_run.parameters.get("root", "."))["data"]["source"]
+    return run_name(source, *(flow_run.parameters.get("policies") or [DEFAULT_POLICY]))
+
+
+@flow(name="cxr-real", flow_run_name=_run_name, log_prints=False)
 def real(root: str = ".", kermany: str | None = None, jsrt: str | None = None,
          policies: list[str] | None = None) -> dict:
     """Run the cycle on the real folders under each policy; returns reports/real/summary.json."""
@@ -74,7 +83,7 @@ def real(root: str = ".", kermany: str | None = None, jsrt: str | None = None,
     default_k, default_j = default_folders()
     k_dir, j_dir = Path(kermany or default_k).resolve(), Path(jsrt or default_j).resolve()
     check_folders(k_dir, j_dir)
-    policies = list(policies or ["counterfactual"])
+    policies = list(policies or [DEFAULT_POLICY])
     unknown = sorted(set(policies) - set(POLICIES))
     if unknown:
         raise ConfigError(f"policies: unknown {unknown}; available: {', '.join(POLICIES)}")
@@ -113,7 +122,7 @@ def main() -> None:
     parser.add_argument("--root", default=".")
     parser.add_argument("--kermany", default=None, help="Kermany chest_xray/ folder (default: $CXR_REAL_DATA/...)")
     parser.add_argument("--jsrt", default=None, help="JSRT + SCR folder (default: $CXR_REAL_DATA/jsrt-scr)")
-    parser.add_argument("policies", nargs="*", help=f"default: counterfactual; any of {', '.join(POLICIES)}")
+    parser.add_argument("policies", nargs="*", help=f"default: {DEFAULT_POLICY}; any of {', '.join(POLICIES)}")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:

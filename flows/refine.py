@@ -1,15 +1,19 @@
 """Prefect flow: launch the refinement cycle stage by stage through `dvc repro`, watch it, stop early.
 
 Thin by design: every stage is `dvc repro <stage>` (so `dvc repro` alone reproduces the same
-artefacts); the flow adds retries, per-cycle metric logs, the stop rule of
+artefacts); the flow adds retries, the stages' output in the run log as it is written (tagged with
+each line's stage), a markdown artifact of each cycle's scores, the stop rule of
 pipeline.cycle_control, and one Dask cluster shared by every stage's shard tasks. Runs with no
 server (ephemeral) or against `prefect server start` (set PREFECT_API_URL).
+
+Every stage reads params.yaml, so that is the flow's one params file: change a value with
+`dvc exp run -S key=value` (which runs the stages itself) or write a preset into it with
+`python -m pipeline.presets NAME --apply`.
 """
 from __future__ import annotations
 
 import argparse
 import os
-import subprocess
 import sys
 from contextlib import contextmanager
 from functools import partial
@@ -17,6 +21,10 @@ from pathlib import Path
 from typing import Iterator
 
 from prefect import flow, get_run_logger, task
+from prefect.runtime import flow_run
+
+from flows.publish import publish_cycle, publish_results, run_name
+from flows.stage_log import run_logged
 
 from pipeline.compute import clean_thread_env
 from pipeline.config import ConfigError, EngineParams, Paths, load_params
@@ -26,23 +34,21 @@ from pipeline.io import read_json
 from pipeline.report import TABLE_KEYS, format_table, sanity_lines
 
 
-def _run(cmd: list[str], root: Path, dask_address: str | None = None) -> None:
+def _run(cmd: list[str], root: Path, stage: str, dask_address: str | None = None) -> None:
+    """`cmd`'s output into the run log line by line, each line tagged with its stage (`stage` until dvc
+    names another); a failure raises with its last lines."""
     logger = get_run_logger()
     logger.info("$ %s", " ".join(cmd))
     # the stage sets its own threads (compute.threads): none of the cluster's OMP_NUM_THREADS=1 leaks in
     env = {**clean_thread_env(os.environ), "DVC_NO_ANALYTICS": "1", **({ADDRESS_ENV: dask_address} if dask_address else {})}
-    proc = subprocess.run(cmd, cwd=root, capture_output=True, text=True, env=env)
-    tail = "\n".join((proc.stdout + proc.stderr).strip().splitlines()[-15:])
-    if proc.returncode:
-        raise RuntimeError(f"{' '.join(cmd)} failed (exit {proc.returncode}):\n{tail}")
-    logger.debug(tail)
+    run_logged(cmd, root, env, logger, stage)
 
 
 @task(name="dvc-repro", task_run_name="repro {stage}")
 def repro(stage: str, root: str, dask_address: str | None = None) -> None:
     """One stage (and anything stale upstream of it); cached stages cost nothing. Its shard tasks
     run on the Dask cluster at `dask_address` when one is given."""
-    _run([sys.executable, "-m", "dvc", "repro", stage], Path(root), dask_address)
+    _run([sys.executable, "-m", "dvc", "repro", stage], Path(root), stage, dask_address)
 
 
 @task(name="report-early-stop")
@@ -50,13 +56,13 @@ def report_early(root: str, reason: str, last_cycle: int) -> None:
     """After an early stop the report covers the cycles that ran; dvc's lock for `report` is left
     untouched, so a later plain `dvc repro` still runs the configured cycles in full."""
     _run([sys.executable, "-m", "pipeline.stages.report", "--stop-reason", reason,
-          "--last-cycle", str(last_cycle)], Path(root))
+          "--last-cycle", str(last_cycle)], Path(root), "report")
 
 
 @task(name="sanity-early-stop")
 def sanity_early(root: str, last_cycle: int) -> None:
     """The saliency sanity checks over the cycles that ran (dvc's lock for `sanity` left untouched)."""
-    _run([sys.executable, "-m", "pipeline.stages.sanity", "--last-cycle", str(last_cycle)], Path(root))
+    _run([sys.executable, "-m", "pipeline.stages.sanity", "--last-cycle", str(last_cycle)], Path(root), "sanity")
 
 
 def _log_sanity(paths: Paths) -> None:
@@ -85,10 +91,16 @@ def shared_cluster(p: EngineParams, address: str | None, device: str = "auto") -
             yield cluster.scheduler_address
 
 
-@flow(name="cxr-refine", log_prints=False)
-def refine(root: str = ".", params_file: str = "params.yaml", dask_address: str | None = None) -> dict:
+def _run_name() -> str:
+    """The run's name: its dataset and enhancement policy (`phantom-counterfactual-<time>`)."""
+    params = load_params(Paths(flow_run.parameters.get("root", ".")).params)
+    return run_name(params.data.source, params.enhance.policy)
+
+
+@flow(name="cxr-refine", flow_run_name=_run_name, log_prints=False)
+def refine(root: str = ".", dask_address: str | None = None) -> dict:
     """Run cycle 0 and every configured cycle; returns reports/summary.json."""
-    params = load_params(Path(root) / params_file)  # bad params fail here, before any work
+    params = load_params(Paths(root).params)  # bad params fail here, before any work
     with shared_cluster(params.engine, dask_address, params.compute.device) as address:
         return _cycles(root, params, address)
 
@@ -103,12 +115,14 @@ def _cycles(root: str, params, address: str | None) -> dict:
         step(stage, root)
     history = [read_json(paths.cycle_metrics(0))]
     logger.info("cycle 0: %s", {k: history[-1].get(k) for k in TABLE_KEYS})
+    publish_cycle(history[-1])
     stopped = None
     for k in params.cycle_ids()[1:]:
         for stage in ("cam", "enhance", "train", "evaluate"):
             step(f"{stage}@c{k}", root)
         history.append(read_json(paths.cycle_metrics(k)))
         logger.info("cycle %d: %s", k, {key: history[-1].get(key) for key in TABLE_KEYS})
+        publish_cycle(history[-1])
         decision = decide(history, params.flow)
         if decision.stop and k != params.cycle_ids()[-1]:
             stopped = decision.reason
@@ -124,22 +138,25 @@ def _cycles(root: str, params, address: str | None) -> dict:
         step("report", root)
     result = read_json(paths.summary)
     logger.info("per-cycle results:\n%s\nstop: %s", format_table(result["cycles"]), result["stop_reason"])
+    publish_results(result, paths.report_html)
     return result
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(prog="python -m flows.refine")
+    parser = argparse.ArgumentParser(
+        prog="python -m flows.refine", description="The refinement cycle through the Prefect flow.",
+        epilog="Every stage reads ROOT/params.yaml: change a value with `dvc exp run -S key=value`, or write a "
+               "preset into params.yaml with `python -m pipeline.presets NAME --apply`.")
     parser.add_argument("--root", default=".")
-    parser.add_argument("--params", default="params.yaml")
     parser.add_argument("--dask-address", default=None,
                         help="a running Dask scheduler (tcp://host:8786) for the shard tasks; default engine.address "
                              "from params, else a LocalCluster for this run")
     args = parser.parse_args()
     try:  # a wrong param is one line on stderr, before the flow (or its temporary server) starts
-        load_params(Path(args.root) / args.params)
+        load_params(Paths(args.root).params)
     except ConfigError as err:
         sys.exit(f"error: {err}")
-    refine(root=args.root, params_file=args.params, dask_address=args.dask_address)
+    refine(root=args.root, dask_address=args.dask_address)
 
 
 if __name__ == "__main__":

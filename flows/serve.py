@@ -3,7 +3,9 @@
 as a subprocess here. The no-work-pool way to schedule the cycle; for a worker on a work pool see
 prefect.yaml and docs/distributed.md.
 
-    python -m flows.serve [--cron "0 2 * * *"] [--name NAME] [--root .] [--params params.yaml]
+    python -m flows.serve [--cron "0 2 * * *"] [--name NAME] [--root .]
+
+Each run reads --root's params.yaml, the one params file every stage reads.
 """
 from __future__ import annotations
 
@@ -23,7 +25,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--name", default="refine-local", help="deployment name")
     parser.add_argument("--cron", help='e.g. "0 2 * * *"; without it runs only when triggered')
     parser.add_argument("--root", default=".", help="the project checkout the runs work in")
-    parser.add_argument("--params", default="params.yaml", help="params file, relative to --root")
     parser.add_argument("--limit", type=int, default=1,
                         help="concurrent runs; 1 because runs share one DVC workspace")
     parser.add_argument("--dask-address", default=None,
@@ -36,8 +37,7 @@ def build_deployment(args: argparse.Namespace) -> RunnerDeployment:
     root is made absolute so a run does not depend on the directory its process happens to start in."""
     return refine.to_deployment(
         name=args.name, cron=args.cron, tags=["cxr-refine"],
-        parameters={"root": str(Path(args.root).resolve()), "params_file": args.params,
-                    "dask_address": args.dask_address},
+        parameters={"root": str(Path(args.root).resolve()), "dask_address": args.dask_address},
         description="Refinement cycle via dvc repro (flows/refine.py)")
 
 

@@ -26,6 +26,8 @@ log = logging.getLogger(__name__)
 
 ADDRESS_ENV = "CXR_DASK_ADDRESS"
 KIND_ENV = "CXR_ENGINE"
+# dask's config from the environment, read when a process imports distributed: a worker's log level
+QUIET_WORKERS_ENV = {"DASK_DISTRIBUTED__LOGGING__DISTRIBUTED": "warning"}
 _worker_cache: dict = {}
 
 
@@ -103,6 +105,14 @@ class Engine:
             fut.release()
 
 
+def quiet_dask() -> None:
+    """Dask's INFO lines (a scheduler and its workers starting, every client connecting and leaving)
+    tell a run nothing; its warnings stay. distributed only attaches its own handler (which
+    LocalCluster's `silence_logs` quiets) when the root logger has none, so under Prefect's logging its
+    records reach the console through the root handler: the `distributed` logger's level filters them."""
+    logging.getLogger("distributed").setLevel(max(logging.WARNING, logging.getLogger().level))
+
+
 def in_process() -> Engine:
     """The engine that runs every task here, in order (the reference the Dask engine must match)."""
     return Engine(EngineParams(kind="local"))
@@ -113,12 +123,12 @@ def open_engine(p: EngineParams, device: str = "auto") -> Iterator[Engine]:
     """The engine `p` asks for (after `resolve`): in-process, a client of `address`, or a LocalCluster
     that lives as long as the `with` block (one worker per GPU when `device`, compute.device, means CUDA)."""
     p = resolve(p)
-    logging.getLogger("distributed").setLevel(max(logging.WARNING, logging.getLogger().level))
     if p.kind == "local":
         yield Engine(p)
         return
     from distributed import Client
 
+    quiet_dask()
     if p.address:
         with Client(p.address, set_as_default=False) as client:
             engine = Engine(p, client)
@@ -139,30 +149,37 @@ def local_cluster(p: EngineParams, device: str = "auto"):
     GPU: its CUDA_VISIBLE_DEVICES names that GPU alone, so a task's `cuda` is its worker's own card
     and N GPUs run N shard streams side by side (`p.workers` or one per GPU; more workers than GPUs
     share them round-robin). Workers start with no CUDA context, so the variable, applied by each
-    worker's Nanny before any task runs, takes effect. `cuda:N` keeps every GPU visible to every worker."""
+    worker's Nanny before any task runs, takes effect. `cuda:N` keeps every GPU visible to every worker.
+
+    Dask logs warnings only (`quiet_dask`), here and in the workers: a worker process reads its log
+    level from the environment its Nanny spawns it with (distributed.nanny.pre-spawn-environ)."""
+    import dask
     from distributed import LocalCluster
 
     from pipeline import distributed as ddp
 
+    quiet_dask()
     options = dict(threads_per_worker=1, processes=True, host="127.0.0.1", dashboard_address=None,
                    silence_logs=logging.WARNING,
                    scheduler_kwargs={"dashboard_address": "127.0.0.1:0"})  # health routes only, any free port
+    spawn_env = {**dask.config.get("distributed.nanny.pre-spawn-environ", {}), **QUIET_WORKERS_ENV}
     gpus = ddp.visible_gpus(device)
-    if not gpus:
-        return LocalCluster(n_workers=p.workers or os.cpu_count() or 1, **options)
-    n = p.workers or len(gpus)
-    # started empty, then one spec per worker: LocalCluster's `env=` would give every worker the same GPUs
-    cluster = LocalCluster(n_workers=0, memory_limit=1 / n, **options)
-    try:
-        for i in range(n):
-            spec = copy.deepcopy(cluster.new_spec)
-            spec["options"]["env"] = {**spec["options"].get("env", {}), "CUDA_VISIBLE_DEVICES": gpus[i % len(gpus)]}
-            cluster.worker_spec[f"gpu{i}"] = spec
-        # start them now, as LocalCluster's constructor does its own (and as dask-cuda's LocalCUDACluster
-        # does): a worker that cannot start raises here instead of leaving the cluster short
-        cluster.sync(cluster._correct_state)
-    except BaseException:
-        cluster.close()
-        raise
+    with dask.config.set({"distributed.nanny.pre-spawn-environ": spawn_env}):  # read as each Nanny is made
+        if not gpus:
+            return LocalCluster(n_workers=p.workers or os.cpu_count() or 1, **options)
+        n = p.workers or len(gpus)
+        # started empty, then one spec per worker: LocalCluster's `env=` would give every worker the same GPUs
+        cluster = LocalCluster(n_workers=0, memory_limit=1 / n, **options)
+        try:
+            for i in range(n):
+                spec = copy.deepcopy(cluster.new_spec)
+                spec["options"]["env"] = {**spec["options"].get("env", {}), "CUDA_VISIBLE_DEVICES": gpus[i % len(gpus)]}
+                cluster.worker_spec[f"gpu{i}"] = spec
+            # start them now, as LocalCluster's constructor does its own (and as dask-cuda's LocalCUDACluster
+            # does): a worker that cannot start raises here instead of leaving the cluster short
+            cluster.sync(cluster._correct_state)
+        except BaseException:
+            cluster.close()
+            raise
     log.info("LocalCluster: %d workers on GPUs %s", n, ", ".join(gpus[i % len(gpus)] for i in range(n)))
     return cluster

@@ -27,6 +27,7 @@ import numpy as np
 import segmentation_models_pytorch as smp
 import torch
 import torch.nn.functional as F
+from tqdm import tqdm
 
 from pipeline.anatomy_checks import Check, clean_and_check
 from pipeline.compute import CPU, Compute, grad_scaler, optimiser_step, task_compute
@@ -132,7 +133,8 @@ def train_unet(p: SegmentParams, images: np.ndarray, masks: np.ndarray, known: n
         net.train()
         order = torch.randperm(n, generator=gen)
         total = 0.0
-        for start in range(0, n, p.batch_size):
+        for start in tqdm(range(0, n, p.batch_size), desc=f"unet epoch {epoch + 1}/{p.epochs}", unit="batch",
+                          leave=False, mininterval=5):
             b = order[start:start + p.batch_size]
             xb, yb = augment_batch(aug, x_all[b], y_all[b], known_all[b]) if aug else (x_all[b], y_all[b])
             xb, yb = xb.to(compute.device, non_blocking=True), yb.to(compute.device, non_blocking=True)
@@ -195,7 +197,8 @@ def predict_store(engine: Engine, unet_path, images: ArrayStore, out_dir, shard_
             yield masks
 
     store = write_store(out_dir, masks_of(engine.map(predict_shard, tasks)), np.uint8, shard_size,
-                        attrs={"bits": {"lungs": LUNGS_BIT, "heart": HEART_BIT}})
+                        attrs={"bits": {"lungs": LUNGS_BIT, "heart": HEART_BIT}}, progress="masks",
+                        total=len(images))
     return store, checks
 
 

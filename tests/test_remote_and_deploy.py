@@ -96,14 +96,13 @@ def test_serve_builds_a_scheduled_deployment_without_serving():
 
     from flows.serve import build_deployment, parse_args
 
-    args = parse_args(["--cron", "0 2 * * *", "--name", "nightly", "--params", "params.yaml",
-                       "--dask-address", "tcp://scheduler:8786"])
+    args = parse_args(["--cron", "0 2 * * *", "--name", "nightly", "--dask-address", "tcp://scheduler:8786"])
     dep = build_deployment(args)
     assert dep.parameters["dask_address"] == "tcp://scheduler:8786"  # the stages' shard tasks go there
     assert isinstance(dep, RunnerDeployment)
     assert dep.name == "nightly" and dep.flow_name == "cxr-refine"
     assert dep.entrypoint.endswith("flows/refine.py:refine")
-    assert dep.parameters["params_file"] == "params.yaml"
+    assert set(dep.parameters) == {"root", "dask_address"}  # params.yaml is read from root, as every stage does
     assert Path(dep.parameters["root"]).is_absolute()
     (schedule,) = dep.schedules
     assert schedule.schedule.cron == "0 2 * * *"

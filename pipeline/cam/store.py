@@ -32,4 +32,5 @@ def write_cams(engine: Engine, model_dir, images_root, rows: np.ndarray, out_dir
     """CAMs of `rows` into `out_dir` (aligned with `rows`); each shard of the output is one task."""
     tasks = ((str(model_dir), str(images_root), rows[s], method, size, batch_size, compute)
              for s in shard_slices(len(rows), shard_size))
-    return write_store(out_dir, engine.map(cam_shard, tasks), np.float16, shard_size, attrs)
+    return write_store(out_dir, engine.map(cam_shard, tasks), np.float16, shard_size, attrs, progress="cam",
+                       total=len(rows))

@@ -94,7 +94,7 @@ def prepare(params: Params, paths: Paths) -> dict:
     masks = None
     with open_engine(params.engine, params.compute.device) as engine:
         for rec in tqdm(loaded(engine, module.records(params, id_salt(paths.root)), params.data.shard_size),
-                        desc="prepare", unit="img", mininterval=2):
+                        desc="prepare", unit="img", leave=False, mininterval=5):
             if isinstance(rec, Quarantined):
                 log.warning("quarantined %s: %s", rec.source_path, rec.reason)
                 quarantined.append(rec)

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Iterable, Iterator
 
 import numpy as np
+from tqdm import tqdm
 
 from pipeline.io import atomic_path, read_json, write_json
 
@@ -141,14 +142,17 @@ class ArrayStore:
 
 
 def write_store(root: str | os.PathLike, batches: Iterable[np.ndarray], dtype, shard_size: int,
-                attrs: dict | None = None) -> ArrayStore:
+                attrs: dict | None = None, progress: str | None = None, total: int | None = None) -> ArrayStore:
     """Stream `batches` (n, *item_shape) into a new store whose item shape is the first batch's.
-    Nothing is committed (no index) unless every batch arrives."""
+    Nothing is committed (no index) unless every batch arrives. `progress` names a progress bar over
+    the `total` items, which moves as each batch (a shard task's result) arrives."""
     writer = None
-    for batch in batches:
-        if writer is None:
-            writer = ArrayStoreWriter(root, batch.shape[1:], dtype, shard_size, attrs)
-        writer.append(batch)
+    with tqdm(total=total, desc=progress, unit="img", leave=False, mininterval=5, disable=progress is None) as bar:
+        for batch in batches:
+            if writer is None:
+                writer = ArrayStoreWriter(root, batch.shape[1:], dtype, shard_size, attrs)
+            writer.append(batch)
+            bar.update(len(batch))
     if writer is None:
         raise ValueError(f"{root}: nothing to store")
     return writer.close()
