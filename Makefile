@@ -76,4 +76,4 @@ bench-gpu: $(STAMP)  ## GPU figures + a CheXpert-cycle projection -> reports/ben
 	$(BIN)/python -m benchmarks.gpu
 
 clean:  ## remove the pipeline's outputs (the DVC cache keeps them: `dvc repro` restores what is unchanged)
-	rm -rf data/prepared data/segment data/audit data/cams data/enhanced models/c* models/unet models/.resume models/latest.json reports/cycles reports/train reports/segment reports/enhance reports/figures reports/index.html reports/summary.json reports/sanity.json
+	rm -rf data/prepared data/segment data/audit data/cams data/enhanced models/c* models/unet models/sanity_twin models/.resume models/latest.json reports/cycles reports/train reports/segment reports/enhance reports/figures reports/index.html reports/summary.json reports/sanity.json

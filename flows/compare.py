@@ -49,10 +49,6 @@ def run_policy(policy: str, root: str, prefix: str = EXP_PREFIX, sets: tuple[str
     name = prefix + policy
     _dvc(["exp", "remove", name], root, check=False)  # a rerun replaces the previous experiment
     args = [*sets, "-S", f"enhance.policy={policy}"]
-    if temp:
-        # the comparison reads the cycles' metrics: no label-permutation twin (cycle 0's, which no policy
-        # changes) is trained in each experiment's temporary copy
-        args += ["-S", "sanity.label_permutation=false"]
     cmd = ["exp", "run", *(["--temp"] if temp else []), "-n", name, *args]
     logger = get_run_logger()
     logger.info("$ dvc %s", " ".join(cmd))

@@ -29,7 +29,7 @@ from flows.stage_log import run_logged
 from pipeline.compute import clean_thread_env
 from pipeline.config import ConfigError, EngineParams, Paths, load_params
 from pipeline.engine import ADDRESS_ENV, local_cluster, resolve
-from pipeline.cycle_control import decide
+from pipeline.cycle_control import STOPPED, decide
 from pipeline.io import read_json
 from pipeline.report import TABLE_KEYS, format_table, sanity_lines
 
@@ -49,20 +49,6 @@ def repro(stage: str, root: str, dask_address: str | None = None) -> None:
     """One stage (and anything stale upstream of it); cached stages cost nothing. Its shard tasks
     run on the Dask cluster at `dask_address` when one is given."""
     _run([sys.executable, "-m", "dvc", "repro", stage], Path(root), stage, dask_address)
-
-
-@task(name="report-early-stop")
-def report_early(root: str, reason: str, last_cycle: int) -> None:
-    """After an early stop the report covers the cycles that ran; dvc's lock for `report` is left
-    untouched, so a later plain `dvc repro` still runs the configured cycles in full."""
-    _run([sys.executable, "-m", "pipeline.stages.report", "--stop-reason", reason,
-          "--last-cycle", str(last_cycle)], Path(root), "report")
-
-
-@task(name="sanity-early-stop")
-def sanity_early(root: str, last_cycle: int) -> None:
-    """The saliency sanity checks over the cycles that ran (dvc's lock for `sanity` left untouched)."""
-    _run([sys.executable, "-m", "pipeline.stages.sanity", "--last-cycle", str(last_cycle)], Path(root), "sanity")
 
 
 def _log_sanity(paths: Paths) -> None:
@@ -116,26 +102,25 @@ def _cycles(root: str, params, address: str | None) -> dict:
     history = [read_json(paths.cycle_metrics(0))]
     logger.info("cycle 0: %s", {k: history[-1].get(k) for k in TABLE_KEYS})
     publish_cycle(history[-1])
-    stopped = None
     for k in params.cycle_ids()[1:]:
+        # after a stop the cycle's stages still run, in seconds: each writes placeholders
+        # (cycle_control.stop_reason_before), so dvc.lock covers every stage and `dvc status` is clean
         for stage in ("cam", "enhance", "train", "evaluate"):
             step(f"{stage}@c{k}", root)
-        history.append(read_json(paths.cycle_metrics(k)))
+        metrics = read_json(paths.cycle_metrics(k))
+        if metrics.get(STOPPED):
+            logger.info("cycle %d skipped: %s", k, metrics[STOPPED])
+            continue
+        history.append(metrics)
         logger.info("cycle %d: %s", k, {key: history[-1].get(key) for key in TABLE_KEYS})
         publish_cycle(history[-1])
         decision = decide(history, params.flow)
         if decision.stop and k != params.cycle_ids()[-1]:
-            stopped = decision.reason
-            logger.warning("stopping early: %s", stopped)
-            break
-    if stopped:
-        sanity_early(root, history[-1]["cycle"])
-        _log_sanity(paths)
-        report_early(root, stopped, history[-1]["cycle"])
-    else:
-        step("sanity", root)
-        _log_sanity(paths)
-        step("report", root)
+            logger.warning("stopping early: %s (the later cycles' stages only record that)", decision.reason)
+    for stage in ("sanity_twin", "sanity", "review_scores"):
+        step(stage, root)
+    _log_sanity(paths)
+    step("report", root)
     result = read_json(paths.summary)
     logger.info("per-cycle results:\n%s\nstop: %s", format_table(result["cycles"]), result["stop_reason"])
     publish_results(result, paths.report_html)
