@@ -31,7 +31,8 @@ from pipeline.config import ConfigError, EngineParams, Paths, load_params
 from pipeline.engine import ADDRESS_ENV, local_cluster, resolve
 from pipeline.cycle_control import STOPPED, decide
 from pipeline.io import read_json
-from pipeline.report import TABLE_KEYS, format_table, sanity_lines
+from pipeline.report import format_table, sanity_lines
+from pipeline.scores import CycleScores
 
 
 def _run(cmd: list[str], root: Path, stage: str, dask_address: str | None = None) -> None:
@@ -100,7 +101,7 @@ def _cycles(root: str, params, address: str | None) -> dict:
     for stage in ("prepare", "segment", "audit", "train_baseline", "evaluate_baseline"):
         step(stage, root)
     history = [read_json(paths.cycle_metrics(0))]
-    logger.info("cycle 0: %s", {k: history[-1].get(k) for k in TABLE_KEYS})
+    logger.info("cycle 0: %s", {k: history[-1].get(k) for k in CycleScores.TABLE})
     publish_cycle(history[-1])
     for k in params.cycle_ids()[1:]:
         # after a stop the cycle's stages still run, in seconds: each writes placeholders
@@ -112,7 +113,7 @@ def _cycles(root: str, params, address: str | None) -> dict:
             logger.info("cycle %d skipped: %s", k, metrics[STOPPED])
             continue
         history.append(metrics)
-        logger.info("cycle %d: %s", k, {key: history[-1].get(key) for key in TABLE_KEYS})
+        logger.info("cycle %d: %s", k, {key: history[-1].get(key) for key in CycleScores.TABLE})
         publish_cycle(history[-1])
         decision = decide(history, params.flow)
         if decision.stop and k != params.cycle_ids()[-1]:

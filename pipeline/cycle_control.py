@@ -66,3 +66,20 @@ def stop_reason_before(params: Params, paths: Paths, cycle: int) -> str | None:
         history.append(metrics)
     decision = decide(history, params.flow)
     return decision.reason if decision.stop else None
+
+
+def load_cycles(paths: Paths, cycle_ids: list[int], last_cycle: int | None = None) -> list[dict]:
+    """Every evaluated cycle's full scores (scores.json), in cycle order, up to `last_cycle`: the history
+    the report, the sanity checks and review_scores read."""
+    out = []
+    for k in cycle_ids:
+        if last_cycle is not None and k > last_cycle:
+            break
+        f = paths.cycle_scores(k)
+        if not f.is_file():
+            break  # cycles run in order: the first missing one ends the history
+        scores = read_json(f)
+        if scores.get(STOPPED):
+            break  # ... and so does the first one the stop rule skipped
+        out.append(scores)
+    return out

@@ -16,7 +16,7 @@ from pipeline import figures
 from pipeline.audit import audit_note, read_audit_summary
 from pipeline.config import Params, Paths
 from pipeline.curves import read_curves
-from pipeline.cycle_control import STOPPED, decide
+from pipeline.cycle_control import decide, load_cycles
 from pipeline.data.manifest import label_matrix
 from pipeline.data.store import ArrayStore
 from pipeline.io import read_json, write_json, write_text
@@ -24,27 +24,6 @@ from pipeline.metrics.sanity import SANITY_MAX
 from pipeline.scores import SANITY_CHECKS, CycleScores, sanity_lines, verdict
 
 log = logging.getLogger(__name__)
-
-# CycleScores owns the keys; this name stays until flows/refine.py and flows/publish.py, which import
-# it from here, import CycleScores.TABLE
-TABLE_KEYS = CycleScores.TABLE
-
-
-def load_cycles(paths: Paths, cycle_ids: list[int], last_cycle: int | None = None) -> list[dict]:
-    """Every evaluated cycle's full scores, in cycle order, up to `last_cycle`."""
-    out = []
-    for k in cycle_ids:
-        if last_cycle is not None and k > last_cycle:
-            break
-        f = paths.cycle_scores(k)
-        if not f.is_file():
-            break  # cycles run in order: the first missing one ends the history
-        scores = read_json(f)
-        if scores.get(STOPPED):
-            break  # ... and so does the first one the stop rule skipped
-        out.append(scores)
-    return out
-
 
 def summary(params: Params, cycles: list[dict], stop_reason: str | None, audit: dict | None = None) -> dict:
     """reports/summary.json; with the shortcut audit on, its settings and the marker figures per cycle."""
@@ -121,6 +100,25 @@ def _html_sanity(sanity: dict | None, serve: int) -> str:
             f"with those of a fully randomised copy and of a twin trained on permuted labels; each check passes "
             f"below {sanity['max']}.{twin}{stale}</p><ul>{lines}</ul>"
             "<table><tr><th>check</th><th>rank corr at every cycle</th></tr>" + rows + "</table>")
+
+
+def _html_review(review: dict | None) -> str:
+    """reports/review.json: each cycle against the clinicians' marks, and the reviewers against each other."""
+    if not review:
+        return ""
+    fmt = lambda v: "—" if v is None else f"{v:.3f}"  # noqa: E731
+    keys = ("pointing_game_reviewed", "iou_reviewed", "agreement_with_reviewers", "kappa_with_reviewers")
+    head = "".join(f"<th>{k}</th>" for k in ("cycle", *keys, "evidence boxes", "reviewed calls"))
+    rows = "".join(f"<tr><td>{c['cycle']}</td>" + "".join(f"<td>{fmt(c.get(k))}</td>" for k in keys)
+                   + f"<td>{c.get('n_evidence_boxes', 0)}</td><td>{c.get('n_reviewed_calls', 0)}</td></tr>"
+                   for c in review.get("cycles", []))
+    between = review.get("between_reviewers") or {}
+    kappa = between.get("mean_kappa_call")
+    return (f"<h2>Clinician review</h2><p>{review['n_marks']} marks by {review['n_reviewers']} reviewer(s) "
+            f"(<code>data/feedback</code>). Localisation on the reviewers' evidence boxes, and each cycle's calls "
+            f"against the calls the reviewers confirmed or corrected (agreement, Cohen's κ). Between reviewers: "
+            f"mean κ {fmt(kappa)} over {len(between.get('pairs', []))} pair(s) sharing films.</p>"
+            f"<table><tr>{head}</tr>{rows}</table>")
 
 
 def _html_anatomy_masks(seg: dict, paths: Paths) -> str:
@@ -206,6 +204,10 @@ def build_report(params: Params, paths: Paths, stop_reason: str | None = None,
     result["segmentation"] = seg_scores
     result["quarantined"] = len(pd.read_csv(paths.quarantine)) if paths.quarantine.is_file() else 0
     result["sanity"] = read_json(paths.sanity) if paths.sanity.is_file() else None
+    # the clinicians' marks against every cycle (stage review_scores), only once there are marks
+    review = read_json(paths.review_scores) if paths.review_scores.is_file() else None
+    if review and review.get("n_marks"):
+        result["review"] = review
     if result["sanity"] and result["sanity"].get("served_cycle") != decision.serve_cycle:
         log.warning("reports/sanity.json checked cycle %s, the served cycle is %d: re-run the sanity stage",
                     result["sanity"].get("served_cycle"), decision.serve_cycle)
@@ -241,6 +243,7 @@ def _html(params: Params, paths: Paths, result: dict, cycles: list[dict], pictur
         f"with a randomised model's heatmaps; the check passes below {SANITY_MAX} (Adebayo et al.).</p>",
         _html_table(cycles),
         _html_sanity(result.get("sanity"), serve),
+        _html_review(result.get("review")),
     ]
     note = audit_note(result.get("audit"))
     if note:

@@ -41,7 +41,7 @@ from torch import nn
 from pipeline.cam.all_labels import AllLabelCAM
 from pipeline.compute import Compute
 from pipeline.config import Params, Paths
-from pipeline.cycle_control import decide
+from pipeline.cycle_control import decide, load_cycles
 from pipeline.data.dataset import iterate_batches, predict
 from pipeline.data.manifest import label_matrix, resolve_labels, rows
 from pipeline.data.store import ArrayStore
@@ -49,7 +49,6 @@ from pipeline.metrics.classification import classification_metrics
 from pipeline.metrics.sanity import SANITY_MAX, compare_with_twin, permute_labels
 from pipeline.models.checkpoint import MODEL_FILE, file_sha256, load_model
 from pipeline.models.freeze import apply_trainable
-from pipeline.report import load_cycles
 from pipeline.training import Rows, baseline_model, baseline_spec, run_options, start_fingerprint, train_classifier
 
 log = logging.getLogger(__name__)

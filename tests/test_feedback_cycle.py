@@ -111,3 +111,11 @@ def test_right_reasons_penalises_only_gradient_inside_the_region():
     outside = RightReasons(1.0, region).penalty((x2 * (1 - w)).sum(dim=(1, 2, 3)).unsqueeze(1), x2)
     assert inside > 0 and outside == 0  # ... pays; one that reads elsewhere does not
     inside.backward()  # differentiable: it trains the weights
+
+
+def test_the_report_shows_the_review(reviewed):
+    p, *_ = reviewed
+    summary = json.loads((p / "reports" / "summary.json").read_text())
+    assert [c["cycle"] for c in summary["review"]["cycles"]] == [0, 1, 2]
+    html = (p / "reports" / "index.html").read_text()
+    assert "Clinician review" in html and "pointing_game_reviewed" in html
