@@ -128,3 +128,25 @@ def test_a_real_kermany_film_in_the_browser(real_viewer, real_data, browser):
         page.screenshot(path=str(artefacts() / "viewer_real_kermany.png"), full_page=True)
     finally:
         context.close()
+
+
+def test_reviewed_pointing_game_on_real_films_plumbing(real_run):
+    """A simulated reviewer whose evidence boxes are the U-Net's predicted lung fields on positive test
+    films: `pointing_game_reviewed` runs end to end on real Kermany films. A plumbing check, not a
+    clinical result (the boxes come from the pipeline's own masks)."""
+    from pipeline.simulated_reviewer import mark_lung_fields
+
+    project, _ = real_run
+    n = mark_lung_fields(str(project), n=40, label="Pneumonia")
+    done = subprocess.run([sys.executable, "-m", "dvc", "repro", "report"], cwd=project, capture_output=True,
+                          text=True)
+    assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
+    ran = {line.split("'")[1] for line in done.stdout.splitlines() if line.startswith("Running stage")}
+    assert not ran & {"prepare", "segment", "audit", "train_baseline", "evaluate_baseline"}, ran
+    review = read_json(project / "reports" / "review.json")
+    assert n > 0 and review["n_marks"] == n
+    for c in review["cycles"]:
+        assert c["n_evidence_boxes"] == n and 0.0 <= c["pointing_game_reviewed"] <= 1.0
+    print("real films, simulated lung-field reviewer: " + "; ".join(
+        f"c{c['cycle']} pointing_game_reviewed {c['pointing_game_reviewed']:.3f} iou_reviewed {c['iou_reviewed']:.3f} "
+        f"over {c['n_evidence_boxes']} boxes" for c in review["cycles"]))
