@@ -20,6 +20,7 @@ from PIL import Image
 
 from pipeline import feedback
 from pipeline.config import Paths
+from pipeline.viewer.shortcut_warning import SHORTCUT_LIFT
 from tests.review_support import API_PASSWORD, API_REVIEWER, REVIEWERS, review_viewer
 from tests.viewer_support import PASSWORD, USER
 
@@ -65,7 +66,7 @@ def test_review_routes_need_a_login_and_the_reviewer_role(viewer):
     assert not [r for r in records(viewer) if r["reviewer"] == USER]
     # the viewer-role user still predicts, and reads the model with the warning rule
     model = httpx.get(viewer.url + "/api/v1/model", auth=(USER, PASSWORD), timeout=30)
-    assert model.status_code == 200 and model.json()["shortcut_warning_rule"]["lift_below"] == 1.0
+    assert model.status_code == 200 and model.json()["shortcut_warning_rule"]["lift_below"] == SHORTCUT_LIFT
 
 
 def test_next_gives_the_first_unfinished_film_with_its_analysis_and_progress(viewer):

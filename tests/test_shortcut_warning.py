@@ -40,7 +40,7 @@ def test_lift_is_the_energy_share_over_the_area_share():
     assert anatomy_fraction(np.zeros((S, S), bool)) is None                          # no anatomy found
 
 
-def test_the_warning_fires_below_lift_one_whatever_the_anatomy_covers():
+def test_the_warning_fires_below_the_cut_off_whatever_the_anatomy_covers():
     assert warns(None) is None
     assert warns(SHORTCUT_LIFT - 1e-6) and not warns(SHORTCUT_LIFT)
     heart = np.zeros((S, S), bool)
@@ -149,9 +149,13 @@ def test_the_measurement_script_reports_both_rates_on_the_tiny_project(project, 
     test = manifest[manifest["split"] == "test"].head(12)
     assert result["films_with_markers"] == int((test["marker_Pneumonia"].astype(bool)
                                                 | test["marker_Cardiomegaly"].astype(bool)).sum())
+    assert result["marker_reach_px"] == 3 * 64 // 8    # three cells of TinyVGG's 8 x 8 grid at 64 px
     for key in ("served", "cycle0"):
         rate = result[key]
-        assert rate["calls"] >= rate["warned"] >= 0 and rate["on_marker"]["calls"] <= rate["calls"]
+        assert rate["calls"] >= rate["warned"] >= 0
+        assert rate["on_marker_strict"]["calls"] <= rate["on_marker"]["calls"] <= rate["calls"]
+        assert sum(v["calls"] for v in rate["by_label"].values()) == rate["calls"]
+        assert sum(v["warned"] for v in rate["by_label"].values()) == rate["warned"]
         assert rate["warned_share"] is None or rate["warned_share"] == pytest.approx(rate["warned"] / rate["calls"],
                                                                                       abs=1e-4)
     assert result["cycle0"]["cycle"] == 0

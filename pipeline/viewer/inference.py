@@ -78,6 +78,7 @@ class ModelResult:
     cams: np.ndarray                 # (L, S, S) float32 in [0, 1]
     shares: list[float | None]       # energy inside each label's anatomy (None without a U-Net)
     lifts: list[float | None] = field(default_factory=list)  # share / the anatomy's share of the image
+    grid: int | None = None          # the heatmaps' native side (the CAM layer's grid) before upsampling
 
 
 @dataclass
@@ -311,7 +312,7 @@ class ServedModels:
         served.logits.clear()
         cams = resize(low, image.shape[-1])[0].cpu().numpy().astype(np.float32)
         probs = torch.sigmoid(logits.float())[0].cpu().numpy()
-        return ModelResult(served.cycle, probs, cams, [None] * len(probs))
+        return ModelResult(served.cycle, probs, cams, [None] * len(probs), grid=int(low.shape[-1]))
 
     @torch.no_grad()
     def _mask(self, image: np.ndarray) -> np.ndarray | None:

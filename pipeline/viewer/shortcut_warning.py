@@ -7,11 +7,26 @@ what a heatmap spread evenly over the film would put there:
 
     lift = (heatmap energy inside the anatomy / all heatmap energy) / (anatomy pixels / all pixels)
 
-Lift 1 means no preference for the anatomy; the warning fires when the lift is below
-`SHORTCUT_LIFT` (1.0): the heatmap puts *less* of its energy on the anatomy than an even spread would,
-so most of what drives the score lies elsewhere (a marker, text, the film's edge). No calibration
-on a run's films: the cut-off means the same thing on every dataset and every anatomy size.
-`python -m pipeline.viewer.warning_check --root .` measures how often it fires on a run's test films.
+Lift 1 means no preference for the anatomy. The warning fires when the lift is below `SHORTCUT_LIFT`
+(0.5): the anatomy gets less than half the energy an even spread would give it, so what drives the
+score lies elsewhere (a marker, text, the film's edge). A fixed cut-off on the lift means the same
+on every dataset and anatomy size, and, unlike a cut-off calibrated on a run's own val films, it
+still warns on a model that reads markers on every film.
+
+Why 0.5 (`python -m pipeline.viewer.warning_check`, test films of a 900-patient phantom run at the
+default settings; the share of positive calls that warn at each cut-off):
+
+| lift below | 0.25 | 0.5 | 0.75 | 1.0 | 1.5 |
+|---|---|---|---|---|---|
+| cycle 0, heatmap peak on a marker (95 calls) | 36 % | 78 % | 79 % | 79 % | 81 % |
+| refined cycle 3, every positive call (227) | 4 % | 15 % | 29 % | 46 % | 63 % |
+
+0.5 is the knee: it warns on 78 % of the marker-reading calls (no cut-off up to 1 reaches more than
+79 %) at a third of lift 1's warnings on the refined model (the fixed share of 0.5 warned on 99 % of
+them); the default 1800-patient run, whose refined model keeps more of its heatmaps in the anatomy,
+is still to be measured. The
+misses are Cardiomegaly's: the heart covers a tenth of the film, so a heatmap that reaches the
+marker but keeps a fifth of its energy on the heart has a lift of 2.
 """
 from __future__ import annotations
 
@@ -19,9 +34,9 @@ import numpy as np
 
 from pipeline.metrics.localization import energy_share
 
-SHORTCUT_LIFT = 1.0
-RULE = (f"warn when heatmap energy inside the label's anatomy, divided by the anatomy's share of the image "
-        f"(the lift; 1 = no preference), is below {SHORTCUT_LIFT:g}")
+SHORTCUT_LIFT = 0.5
+RULE = (f"warn when the share of heatmap energy inside the label's anatomy, divided by the anatomy's share of "
+        f"the image (the lift; 1 = no preference), is below {SHORTCUT_LIFT:g}")
 
 
 def anatomy_fraction(region: np.ndarray) -> float | None:

@@ -139,9 +139,9 @@ def heatmaps_html(a: Analysis, label: str | None) -> str:
     elif warns(lift):
         verdict = (f"<div class='cxr-warn' id='shortcut-warning'><b>⚠ Possible shortcut.</b> Only {_pct(share)} of "
                    f"the heatmap's energy for <i>{esc(label)}</i> lies inside the {anatomy}, which covers "
-                   f"{_pct(fraction)} of the image (lift {lift:.2f}, below {SHORTCUT_LIFT:g}: less than an even "
-                   "spread would put there). The model may be reading something else (a marker, text, the film's "
-                   "edge): do not trust this score without looking.</div>")
+                   f"{_pct(fraction)} of the image (lift {lift:.2f}, below {SHORTCUT_LIFT:g}: the {anatomy} gets less than "
+                   f"{SHORTCUT_LIFT:g}× what an even spread over the image would give it). The model may be reading "
+                   "something else (a marker, text, the film's edge): do not trust this score without looking.</div>")
     else:
         verdict = (f"<p class='cxr-ok' id='anatomy-ok'>{_pct(share)} of the heatmap's energy for "
                    f"<i>{esc(label)}</i> lies inside the {anatomy}, which covers {_pct(fraction)} of the image "
