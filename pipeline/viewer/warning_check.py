@@ -49,7 +49,7 @@ FIXED_SHARE = 0.5         # the rule the lift replaced (a share below it warned)
 MARKER_MIN = 112          # uint8: phantom marker pixels stay above ~120 after blur; the film's top corners below ~100
 MARKER_CORNERS = {"letter": "left", "token": "right"}
 MARKER_REACH_CELLS = 3    # heatmap grid cells around a marker's box that count as "on the marker"
-SWEEP = (0.25, 0.5, 0.75, 1.0, 1.5)   # other lift cut-offs reported beside the rule's, to choose it on data
+SWEEP = (0.25, 0.4, 0.5, 0.75, 1.0, 1.5)   # other lift cut-offs reported beside the rule's, to choose it on data
 
 
 def phantom_marker_box(image: np.ndarray, corner: str) -> tuple[int, int, int, int] | None:
