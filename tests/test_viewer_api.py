@@ -170,6 +170,9 @@ def test_model_card(viewer):
     assert card["dvc_md5"] and card["git_revision"]
     assert "not a medical device" in card["notice"] and "not a lesion outline" in card["notice"]
     assert card["intended_use"] and card["limitations"]
+    # the shortcut warning's rule, in the card and beside it
+    assert card["shortcut_warning"] == r.json()["shortcut_warning_rule"]["rule"]
+    assert f"below {r.json()['shortcut_warning_rule']['lift_below']:g}" in card["shortcut_warning"]
 
 
 def test_without_a_model_the_viewer_says_how_to_train_one():

@@ -12,6 +12,7 @@ from pipeline.config import Paths
 from pipeline.io import read_json
 from pipeline.metrics.sanity import SANITY_MAX
 from pipeline.scores import CycleScores, sanity_line
+from pipeline.viewer.shortcut_warning import RULE as WARNING_RULE
 
 log = logging.getLogger(__name__)
 
@@ -129,6 +130,7 @@ def model_card(root: Path, info: dict, meta: dict, sha256: str, baseline_meta: d
         "label_permutation_flag": None if permutation is None else permutation["passed"] is False,
         "mask_source": mask_source(summary.get("segmentation")),
         "audit": audit_note(summary.get("audit")),
+        "shortcut_warning": WARNING_RULE,   # the viewer's ⚠ (pipeline/viewer/shortcut_warning.py)
         "intended_use": INTENDED_USE,
         "limitations": LIMITATIONS,
         "notice": NOTICE,
@@ -167,6 +169,7 @@ def card_markdown(card: dict) -> str:
 | training data | {_fmt(card['data_source'])} (data hash `{_fmt(card['data_hash'])}`), enhancement policy {_fmt(card['enhance_policy'])} |
 | anatomy masks | {_fmt(card.get('mask_source'))} |
 | shortcut audit | {_fmt(card.get('audit') or 'off')} |
+| shortcut warning | {_fmt(card.get('shortcut_warning'))} |
 | revision | git `{_fmt(card['git_revision'])}`, DVC md5 of models/c{card['cycle']} `{_fmt(card['dvc_md5'])}` |
 | checkpoint sha256 | `{(card['checkpoint_sha256'] or '')[:16]}…` |
 | why this cycle | {_fmt(card['stop_reason'])} |
