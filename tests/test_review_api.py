@@ -1,7 +1,10 @@
 """Review mode over real HTTP (tests/review_support.py): `GET /api/v1/review/next` and
 `POST /api/v1/feedback` behind the reviewer role, their validation (JSON 4xx for anything invalid),
 eight reviewers posting at once, and the review tab's Gradio events refused to a viewer-role user,
-attacked as tests/test_viewer_attacks.py attacks the predict routes."""
+attacked as tests/test_viewer_attacks.py attacks the predict routes.
+
+The viewer runs over a copy of the session's trained_project, so this module joins its xdist group
+(tests/conftest.py groups modules by that name)."""
 from __future__ import annotations
 
 import base64

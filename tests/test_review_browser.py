@@ -1,7 +1,8 @@
 """Review mode in a real browser (Playwright driving Debian's Chromium, as tests/test_viewer_browser.py):
 a reviewer logs in, marks a label's call and heatmap, sets a box by clicking two corners and by
 typing it, saves with the keyboard, reloads and sees the mark; a viewer-role user never sees the tab.
-Screenshots: tmp/test-artifacts/review_*.png (or $CXR_TEST_ARTIFACTS)."""
+Screenshots: tmp/test-artifacts/review_*.png (or $CXR_TEST_ARTIFACTS). The viewer runs over a copy
+of the session's trained_project, so this module joins its xdist group (tests/conftest.py)."""
 from __future__ import annotations
 
 import re
