@@ -3,9 +3,9 @@
 Each line is logged with the stage that wrote it: dvc prints `Running stage 'x':` before every stage
 it runs, so a `dvc repro X` that also reruns stale upstream stages names each line's real stage. A
 stage's own log lines (pipeline/stages/common.py's format) keep their level and drop their
-timestamp, which the run log has already. Progress bars (tqdm) redraw one line with carriage
-returns: of those redraws, one every `progress_every` seconds reaches the log, so a bar shows that a
-long loop moves without flooding the log.
+timestamp, which the run log has already; dvc's `WARNING:` and `ERROR:` lines keep their level.
+Progress bars (tqdm) redraw one line with carriage returns: of those redraws, one every
+`progress_every` seconds reaches the log, so a bar shows that a long loop moves without flooding it.
 """
 from __future__ import annotations
 
@@ -24,6 +24,7 @@ TAIL_LINES = 15  # the lines a failure message quotes
 _RUNNING = re.compile(r"Running stage '([^']+)':")
 # "2026-12-05 11:39:24,610 INFO pipeline.training: ..." (stage_main's logging format)
 _STAGE_LINE = re.compile(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} (DEBUG|INFO|WARNING|ERROR|CRITICAL) (.*)")
+_DVC_LEVEL = re.compile(r"(WARNING|ERROR): ")  # dvc's own warnings and errors
 
 
 class StageOutput:
@@ -75,6 +76,8 @@ class StageOutput:
         level, message = logging.INFO, text
         if stage_line := _STAGE_LINE.match(text):
             level, message = logging.getLevelName(stage_line.group(1)), stage_line.group(2)
+        elif dvc_line := _DVC_LEVEL.match(text):
+            level = logging.getLevelName(dvc_line.group(1))
         self.logger.log(level, "[%s] %s", self.stage, message)
 
     def _progress(self, text: str) -> None:

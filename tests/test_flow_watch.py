@@ -38,6 +38,7 @@ def test_each_line_carries_the_stage_dvc_says_is_running():
     out.feed("Stage 'prepare' didn't change, skipping\nRunning stage 'cam@c1':\n> python -m pipeline.sta")
     out.feed("ges.cam\n2026-12-05 11:39:24,610 INFO pipeline.stages.cam: cycle 1: 64 CAMs\n")
     out.feed("Running stage 'train@c1':\n2026-12-05 11:40:01,002 WARNING pipeline.training: few positives\r\n")
+    out.feed("WARNING: No file hash info found for 'reports/figures'. It won't be created.\n")
     out.feed("Traceback (most recent call last):\nlast line without a newline")
     out.close()
     assert logged.lines() == [
@@ -47,6 +48,7 @@ def test_each_line_carries_the_stage_dvc_says_is_running():
         (logging.INFO, "[cam@c1] pipeline.stages.cam: cycle 1: 64 CAMs"),     # the stage's timestamp dropped
         (logging.INFO, "[train@c1] Running stage 'train@c1':"),
         (logging.WARNING, "[train@c1] pipeline.training: few positives"),    # its level kept
+        (logging.WARNING, "[train@c1] WARNING: No file hash info found for 'reports/figures'. It won't be created."),
         (logging.INFO, "[train@c1] Traceback (most recent call last):"),
         (logging.INFO, "[train@c1] last line without a newline"),
     ]
@@ -66,6 +68,17 @@ def test_progress_redraws_reach_the_log_every_few_seconds_only():
                      "[segment] masks:  40%|#   | 20/50 [00:20<00:10]", "[segment] masks:  60%|#   | 30/50 [00:30<00:10]",
                      "[segment] masks:  80%|#   | 40/50 [00:40<00:10]", "[segment] pipeline.stages.segment: U-Net scores"]
     assert list(out.tail) == ["2026-12-05 11:39:24,610 INFO pipeline.stages.segment: U-Net scores"]  # bars are no lines
+
+
+def test_a_log_line_written_over_a_live_bar_is_still_a_line():
+    out, logged, clock = _output("enhance@c1")
+    out.feed("\renhance:  50%|#   | 32/64")
+    clock[0] = 3.0
+    out.feed("\renhance:  75%|#   | 48/64")  # within 10 s of the last one shown: not logged
+    out.feed("2026-12-05 11:39:24,610 WARNING pipeline.enhance: a warning mid-loop\n")
+    out.close()
+    assert logged.lines() == [(logging.INFO, "[enhance@c1] enhance:  50%|#   | 32/64"),
+                              (logging.WARNING, "[enhance@c1] pipeline.enhance: a warning mid-loop")]
 
 
 def test_a_failed_command_raises_with_its_last_lines(tmp_path):
