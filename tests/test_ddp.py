@@ -55,7 +55,11 @@ SCRIPT = textwrap.dedent('''
                            work / sys.argv[2])
     if distributed.is_main():
         save_tensors(work / sys.argv[2] / "model.safetensors", model.state_dict(), {})
-    print("RESULT " + json.dumps({"rank": distributed.rank(), "world": distributed.world_size(), **res}), flush=True)
+    # one write of the whole line: both ranks share the pipe, and an unbuffered print (PYTHONUNBUFFERED,
+    # as make sets it) writes the text and its newline separately, so two results could share a line
+    sys.stdout.buffer.write(("RESULT " + json.dumps({"rank": distributed.rank(), "world": distributed.world_size(),
+                                                     **res}) + "\\n").encode())
+    sys.stdout.flush()
     distributed.cleanup()
 ''')
 
