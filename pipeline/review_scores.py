@@ -100,7 +100,7 @@ def review_scores(params: Params, paths: Paths, cycles: list[dict], models: dict
     """reports/review.json: per cycle the reviewed localisation and agreement, and the reviewers' kappa.
 
     `cycles`: the evaluated cycles' scores (pipeline.cycle_control.load_cycles); `models`: their checkpoints,
-    {"c0": ...} (pipeline.sanity_checks.cycle_models checks each is the one its cycle evaluated)."""
+    {"c0": ...} (pipeline.models.checkpoint.cycle_models checks each is the one its cycle evaluated)."""
     marks = load_feedback(paths)
     out: dict = {"n_marks": int(len(marks)), "n_reviewers": int(marks["reviewer"].nunique()) if len(marks) else 0,
                  "cycles": [], "between_reviewers": None}

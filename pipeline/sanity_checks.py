@@ -47,7 +47,7 @@ from pipeline.data.manifest import label_matrix, resolve_labels, rows
 from pipeline.data.store import ArrayStore
 from pipeline.metrics.classification import classification_metrics
 from pipeline.metrics.sanity import SANITY_MAX, compare_with_twin, permute_labels
-from pipeline.models.checkpoint import MODEL_FILE, file_sha256, load_model
+from pipeline.models.checkpoint import MODEL_FILE, cycle_models, load_model
 from pipeline.models.freeze import apply_trainable
 from pipeline.training import Rows, baseline_model, baseline_spec, run_options, start_fingerprint, train_classifier
 
@@ -177,26 +177,6 @@ def load_twin(params: Params, paths: Paths, labels: list[str], device) -> tuple[
         raise ValueError(f"{paths.sanity_twin} was trained for other params, films or labels; "
                          "run `dvc repro sanity_twin`")
     return twin, meta
-
-
-def cycle_models(params: Params, paths: Paths, cycles: list[dict], device) -> tuple[dict[str, nn.Module], str]:
-    """Every evaluated cycle's model ({"c0": ..., ...}) and the architecture, each checked to be the
-    checkpoint its cycle evaluated (sha256 in scores.json) with cycle 0's labels."""
-    tp, labels = params.train, cycles[0]["labels"]
-    models, arch = {}, None
-    for c in cycles:
-        k = c["cycle"]
-        weights = paths.model(k) / MODEL_FILE
-        if file_sha256(weights) != c["model"]["sha256"]:
-            raise ValueError(f"{paths.model(k)} is not the checkpoint cycle {k} evaluated; re-run evaluate@c{k}")
-        model, meta = load_model(paths.model(k), device)
-        if meta["labels"] != labels:
-            raise ValueError(f"cycle {k}: labels {meta['labels']} differ from cycle 0's {labels}")
-        models[f"c{k}"], arch = model, meta["arch"]
-        if k == 0 and (meta["arch"] != tp.arch or meta.get("model_kwargs", {}) != tp.model_kwargs):
-            raise ValueError(f"{paths.model(0)} is a {meta['arch']} {meta.get('model_kwargs', {})}, params say "
-                             f"{tp.arch} {tp.model_kwargs}; re-run train_baseline first")
-    return models, arch
 
 
 def sanity_images(paths: Paths, n_images: int) -> torch.Tensor:

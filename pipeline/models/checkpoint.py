@@ -23,6 +23,7 @@ from safetensors.torch import load_file, save_file
 from safetensors import safe_open
 from torch import nn
 
+from pipeline.config import Params, Paths
 from pipeline.io import atomic_path, write_json
 from pipeline.models.registry import create_model
 
@@ -173,3 +174,23 @@ def file_sha256(path: str | Path) -> str:
         for chunk in iter(lambda: fh.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
+
+
+def cycle_models(params: Params, paths: Paths, cycles: list[dict], device) -> tuple[dict[str, nn.Module], str]:
+    """Every evaluated cycle's model ({"c0": ..., ...}) and the architecture, each checked to be the
+    checkpoint its cycle evaluated (sha256 in scores.json) with cycle 0's labels."""
+    tp, labels = params.train, cycles[0]["labels"]
+    models, arch = {}, None
+    for c in cycles:
+        k = c["cycle"]
+        weights = paths.model(k) / MODEL_FILE
+        if file_sha256(weights) != c["model"]["sha256"]:
+            raise ValueError(f"{paths.model(k)} is not the checkpoint cycle {k} evaluated; re-run evaluate@c{k}")
+        model, meta = load_model(paths.model(k), device)
+        if meta["labels"] != labels:
+            raise ValueError(f"cycle {k}: labels {meta['labels']} differ from cycle 0's {labels}")
+        models[f"c{k}"], arch = model, meta["arch"]
+        if k == 0 and (meta["arch"] != tp.arch or meta.get("model_kwargs", {}) != tp.model_kwargs):
+            raise ValueError(f"{paths.model(0)} is a {meta['arch']} {meta.get('model_kwargs', {})}, params say "
+                             f"{tp.arch} {tp.model_kwargs}; re-run train_baseline first")
+    return models, arch

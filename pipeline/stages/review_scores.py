@@ -7,9 +7,9 @@ import logging
 
 from pipeline.config import Paths
 from pipeline.io import write_json
+from pipeline.models.checkpoint import cycle_models
 from pipeline.cycle_control import load_cycles
 from pipeline.review_scores import review_scores
-from pipeline.sanity_checks import cycle_models
 from pipeline.stages.common import stage_main
 
 log = logging.getLogger(__name__)
