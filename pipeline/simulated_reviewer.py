@@ -34,13 +34,14 @@ log = logging.getLogger(__name__)
 REVIEWER = "simulated"
 
 
-def _scope(paths: Paths, params, split: str) -> tuple[pd.DataFrame, np.ndarray, ReviewScope]:
+def _scope(paths: Paths, params, split: str) -> tuple[pd.DataFrame, np.ndarray, ReviewScope, ArrayStore]:
+    """The manifest, the split's rows, what a mark may name, and the prepared images."""
     manifest = pd.read_parquet(paths.manifest)
     idx = rows(manifest, split)
     labels = resolve_labels(params.data.labels, manifest)
     images = ArrayStore(paths.images)
     scope = ReviewScope(tuple(manifest["image_id"].astype(str).iloc[idx]), tuple(labels), images.item_shape[-1])
-    return manifest, idx, scope
+    return manifest, idx, scope, images
 
 
 def _served(paths: Paths) -> tuple[str | None, int | None]:
@@ -58,8 +59,7 @@ def mark_markers(root: str = ".", n: int = 50, split: str = "train", seed: int =
     paths, params = Paths(root), load_params(Paths(root).params)
     if params.data.source != "phantom":
         raise ValueError("the marker reviewer knows the phantom's markers only (data.source: phantom)")
-    manifest, idx, scope = _scope(paths, params, split)
-    images = ArrayStore(paths.images)
+    manifest, idx, scope, images = _scope(paths, params, split)
     marks = []
     for i in np.random.default_rng(seed).permutation(idx):
         image = images.read(np.asarray([i]))[0]
@@ -81,7 +81,7 @@ def mark_lung_fields(root: str = ".", n: int = 100, label: str = "Pneumonia", sp
     """Evidence boxes for `label` = the bounding box of each predicted lung on `n` films of `split`
     that are positive for it; returns the number of marks written."""
     paths, params = Paths(root), load_params(Paths(root).params)
-    manifest, idx, scope = _scope(paths, params, split)
+    manifest, idx, scope, _ = _scope(paths, params, split)
     if label not in scope.labels:
         raise ValueError(f"{label!r} is not one of the model's labels {list(scope.labels)}")
     positive = idx[manifest[label].to_numpy()[idx] == 1][:n]
