@@ -18,9 +18,12 @@ export PYTHONUNBUFFERED := 1
 .PHONY: run test test-all viewer bench bench-gpu repro compare real clean reliability
 
 # pyproject.toml holds the ranges, constraints.txt the exact versions tested together. uv installs them
-# (about 30 s on this machine, where pip took 7 min: its downloads are sequential), with pip's own index
-# settings (`pip config list`: index-url, extra-index-url, find-links); pip installs where uv cannot.
-UV_INSTALL = $(BIN)/uv pip install -q --python $(BIN)/python --index-strategy unsafe-best-match -c constraints.txt
+# (in about a minute on this machine, where pip took 7 min: its downloads are sequential), with pip's own
+# index settings (`pip config list`: index-url, extra-index-url, find-links); pip installs where uv cannot.
+# --compile-bytecode as pip does: without .pyc files (and with PYTHONDONTWRITEBYTECODE set, as on this
+# machine) every stage process compiled torch, dvc and the rest again, and `make run` took 1.5x as long.
+UV_INSTALL = $(BIN)/uv pip install -q --compile-bytecode --python $(BIN)/python --index-strategy unsafe-best-match \
+	-c constraints.txt
 PIP_INDEXES = $(BIN)/python -m pip config list 2>/dev/null \
 	| sed -nE "s/^[^=]*\.(index-url|extra-index-url|find-links)='(.*)'$$/\1 \2/p" \
 	| while read -r key urls; do for u in $$urls; do printf -- '--%s %s ' "$$key" "$$u"; done; done
