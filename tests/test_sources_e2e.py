@@ -1,5 +1,9 @@
 """Every real-dataset adapter, on a fixture in that dataset's own layout, through one whole tiny
-refinement cycle with `dvc repro` (the U-Net falls back to phantom masks: the fixtures ship none)."""
+refinement cycle with `dvc repro` (the U-Net falls back to phantom masks: the fixtures ship none).
+
+`make test` runs Kermany (the real films' layout) and NIH (a source with boxes, so the pointing game);
+the other three are `slow` (`make test-all`): each whole cycle costs about 100 s, and their adapters'
+contracts, splits and quarantine are tested in tests/test_sources.py."""
 from __future__ import annotations
 
 import importlib
@@ -16,10 +20,12 @@ from tests.conftest import tiny_params
 from tests.helpers import make_project
 
 SOURCES = ("kermany", "cardiomegaly", "chexpert", "rsna", "nih")
+IN_MAKE_TEST = {"kermany", "nih"}
 HAS_BOXES = {"rsna", "nih"}
 
 
-@pytest.mark.parametrize("source", SOURCES)
+@pytest.mark.parametrize("source", [s if s in IN_MAKE_TEST else pytest.param(s, marks=pytest.mark.slow)
+                                    for s in SOURCES])
 def test_one_cycle_on_each_source(source, tmp_path):
     fixture = importlib.import_module(f"tests.fixtures.{source}")
     data_root = tmp_path / "dataset"
