@@ -31,7 +31,7 @@ PIP_INDEXES = $(BIN)/python -m pip config list 2>/dev/null \
 $(STAMP): pyproject.toml constraints.txt
 	@test -x $(BIN)/python || $(PYTHON) -c 'import pipeline'  # a Python outside requires-python stops here, in one line
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install -q -c constraints.txt uv
+	$(BIN)/python -m pip install -q -c constraints.txt uv || echo "uv could not be installed; pip installs instead" >&2
 	# torch first, alone: the local wheel is taken where one is provided
 	indexes="$$($(PIP_INDEXES))"; \
 	{ $(UV_INSTALL) $$indexes torch torchvision && $(UV_INSTALL) $$indexes -e '.[dev]'; } || { \
