@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import multiprocessing
 import threading
+import traceback
 from pathlib import Path
 
 import numpy as np
@@ -167,8 +168,6 @@ def _writer(root: str, reviewer: str, n: int) -> None:
             save(paths, [mark(image=f"P{k % 40:05d}_0", label=("Pneumonia", "Cardiomegaly")[k % 2],
                               call=("agree", "disagree")[k % 2])], reviewer=reviewer)
     except BaseException:
-        import traceback
-
         (Path(root) / f"{reviewer}.error").write_text(traceback.format_exc())
         raise
 

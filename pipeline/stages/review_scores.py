@@ -6,9 +6,9 @@ never the cycles' own evaluations.
 import logging
 
 from pipeline.config import Paths
+from pipeline.cycle_control import load_cycles
 from pipeline.io import write_json
 from pipeline.models.checkpoint import cycle_models
-from pipeline.cycle_control import load_cycles
 from pipeline.review_scores import review_scores
 from pipeline.stages.common import stage_main
 
