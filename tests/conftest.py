@@ -115,18 +115,22 @@ def params_file(tmp_path) -> Path:
     return path
 
 
-# modules that read the session's tiny 2-cycle project (tests/viewer_support.py trained_project)
-_SHARED_PROJECT = ("trained_project", "reference_project", "repro_project")
+# Seconds each module took in `make test` (`--durations=0`, both cores busy, 2026-12-05): the order in
+# which the modules are handed to the two workers, heaviest first, so that no long module starts last.
+# It changes when a test runs, never what it checks; a module not listed here goes after these.
+_MODULE_SECONDS = {
+    "test_determinism": 246, "test_end_to_end": 235, "test_real_data": 208, "test_sources_e2e": 200,
+    "test_viewer_api": 164, "test_flow_watch": 160, "test_review_api": 152, "test_viewer_attacks": 132,
+    "test_cam": 111, "test_ddp": 102, "test_engine": 100, "test_models": 91, "test_feedback_cycle": 82,
+    "test_crash_consistency": 71, "test_cli": 56, "test_kill_resume": 43,
+}
 
 
 def pytest_collection_modifyitems(config, items):
-    """`make test` runs on both cores (pytest-xdist, `--dist loadgroup`): each module stays on one
-    worker, so its module fixtures are built once, and every module that reads the shared tiny project
-    runs on the same worker, so that project is built once and never used by two tests at a time."""
-    sources: dict[Path, str] = {}
-    for item in items:
-        path = Path(item.path)
-        if path not in sources:
-            sources[path] = path.read_text(errors="replace")
-        shared = any(name in sources[path] for name in _SHARED_PROJECT)
-        item.add_marker(pytest.mark.xdist_group("shared-project" if shared else path.stem))
+    """`make test` runs on both cores with `--dist loadfile --no-loadscope-reorder`: a module is one unit
+    of work, so its module fixtures are built once, and the units go out in this order (heaviest
+    first, file order within a module). Sorting here, in every worker alike, is what the scheduler reads.
+
+    Not `--dist loadgroup`: pytest-xdist 3.8 marks a group by rewriting `item._nodeid`, which pytest 9.2
+    no longer reads, so every group was split over both workers and each built its fixtures twice."""
+    items.sort(key=lambda item: -_MODULE_SECONDS.get(Path(item.path).stem, 0))

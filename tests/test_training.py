@@ -108,6 +108,29 @@ def test_batches_are_the_same_for_any_number_of_workers(tmp_path):
     assert torch.equal(x_tail, seen[0][5][0]) and (i_tail == seen[0][5][2]).all()
 
 
+def test_workers_start_clean_in_a_process_that_ran_a_prefect_flow(tmp_path, prefect_harness):
+    """Workers forked from a process that had run a flow inherited Prefect 3.8's at-exit drain, which
+    fails in a fork after Prefect's own reset: every worker exited with code 1 at shutdown and the
+    DataLoader raised (a flaky `make test`, the flow's worker being shared). They come from a fork
+    server now (pipeline.data.loader.worker_context)."""
+    from prefect import flow
+
+    from pipeline.data.loader import EpochBatches, batch_loader
+
+    @flow
+    def one():
+        return 1
+
+    assert one() == 1
+    store, y = two_label_store(tmp_path / "imgs", 16)
+    loader, sampler = batch_loader(EpochBatches(store.root, np.arange(16), y, 8, seed=0), 2)
+    assert [len(i) for _, _, i in loader] == [8, 8]
+    iterator = loader._iterator
+    workers = list(iterator._workers)
+    iterator._shutdown_workers()
+    assert [w.exitcode for w in workers] == [0, 0]
+
+
 def _toy_run(tmp_path, resume_dir, **options):
     store, y = two_label_store(tmp_path / "imgs", 48)
     torch.manual_seed(0)

@@ -9,6 +9,8 @@ and the batch's augmentation from a seed of (seed, epoch, batch, rank). So
 """
 from __future__ import annotations
 
+import multiprocessing
+import multiprocessing.context
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -50,6 +52,10 @@ class EpochBatches(Dataset):
         self._store: ArrayStore | None = None
         self._order: tuple[int, np.ndarray] | None = None
         self._transform = None
+
+    def __getstate__(self) -> dict:
+        """What a worker receives: the parameters, not this process's open store or transform."""
+        return {**self.__dict__, "_store": None, "_transform": None}
 
     def __len__(self) -> int:
         return max(1, -(-len(self.indices) // self.batch_size))
@@ -100,16 +106,29 @@ class EpochSampler(Sampler):
         return self.n_batches - self.start
 
 
+def _worker_init(_worker_id: int) -> None:
+    """The workers are the parallelism: OpenCV's own thread pool in each would only oversubscribe."""
+    cv2.setNumThreads(0)
+
+
+def worker_context() -> multiprocessing.context.BaseContext:
+    """Where the workers come from: a fork server, a fresh single-threaded interpreter that imported this
+    module once, not a fork of the trainer. A fork copies whatever the trainer's process holds, and two
+    such copies broke workers: OpenCV's thread pool (a worker that touched it waited forever on
+    threads that only exist in the parent) and Prefect 3.8's queue services, whose at-exit drain fails
+    in the child after Prefect's own fork reset (every worker of a process that had run a flow exited
+    with code 1 at shutdown; tests/test_training.py). Costs about 2 s once per process."""
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload([__name__])
+    return ctx
+
+
 def batch_loader(batches: EpochBatches, num_workers: int, pin_memory: bool = False) -> tuple[DataLoader, EpochSampler]:
     """A DataLoader over `batches` (persistent workers, a few batches ahead) and the sampler that
     chooses its epoch and first batch."""
     sampler = EpochSampler(len(batches))
-    extra = {"persistent_workers": True, "prefetch_factor": 2} if num_workers else {}
-    if num_workers:
-        # OpenCV's thread pool does not survive fork: a worker that touches it (even to resize it) can
-        # wait forever on threads that only exist in the parent. Stopped here before forking, and
-        # the workers are the parallelism anyway (results do not depend on it).
-        cv2.setNumThreads(0)
+    extra = ({"persistent_workers": True, "prefetch_factor": 2, "worker_init_fn": _worker_init,
+              "multiprocessing_context": worker_context()} if num_workers else {})
     # its own generator: creating an iterator must not draw from torch's global RNG (dropout's)
     loader = DataLoader(batches, batch_size=None, sampler=sampler, num_workers=num_workers, pin_memory=pin_memory,
                         generator=torch.Generator().manual_seed(batches.seed), **extra)
