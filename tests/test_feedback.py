@@ -174,7 +174,8 @@ def _writer(root: str, reviewer: str, n: int) -> None:
 
 def test_eight_processes_appending_fifty_marks_each_lose_nothing_and_tear_no_line(tmp_path):
     # fresh interpreters, each with its own descriptors and locks: a fork of a pytest-xdist worker also
-    # inherits that worker's threads and signal handlers (a forked writer once exited 1 there, unexplained)
+    # inherits what that worker ran, and a fork of one that had run a Prefect flow exits 1 at shutdown
+    # (Prefect 3.8's at-exit drain; tests/test_training.py), as one forked writer here once did
     ctx = multiprocessing.get_context("spawn")
     procs = [ctx.Process(target=_writer, args=(str(tmp_path), f"rev{r}", 50)) for r in range(8)]
     for p in procs:
