@@ -7,8 +7,10 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
+from pipeline.compute import available_cores
 from pipeline.config import real_data_dir
 from tests.helpers import ROOT  # re-exported: modules import it from here
 
@@ -19,6 +21,13 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("CXR_LOG_LEVEL", "WARNING")
 # dvc stages run `python -m ...`: make that this interpreter
 os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
+
+# Torch threads for this test process and for the stages it runs (tiny_params' compute.threads): the
+# cores shared out among pytest-xdist's workers, so that `make test`'s two workers do not run four
+# threads on two cores. CXR_TEST_THREADS overrides it.
+TEST_THREADS = int(os.environ.get("CXR_TEST_THREADS") or
+                   max(1, available_cores() // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT") or 1)))
+torch.set_num_threads(TEST_THREADS)
 
 
 def tiny_params() -> dict:
@@ -34,6 +43,7 @@ def tiny_params() -> dict:
     # the stop rule never fires: tiny models are noisy, and the flow and `dvc repro` must run the same
     # cycles for the determinism test to compare them (tests/test_cycle_control.py tests the rule)
     p["flow"].update(auroc_tolerance=1.0, patience=10)
+    p["compute"]["threads"] = TEST_THREADS
     p["engine"] = {"kind": "local"}  # a LocalCluster per stage costs ~4 s; tests/test_engine.py runs Dask
     p["cycles"] = {"c1": {"id": 1, "prev": 0}, "c2": {"id": 2, "prev": 1}}
     return p

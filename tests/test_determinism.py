@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 import torch
+import yaml
 from safetensors import safe_open
 
 from pipeline.models.checkpoint import load_tensors, sort_header_metadata
@@ -44,6 +45,8 @@ def _files(root: Path, rel: str) -> list[str]:
 
 def test_same_seed_twice_and_clean_checkout_repro_change_no_output(tmp_path):
     reference = reference_project()
+    # the reference ran on every core: the OMP_NUM_THREADS=1 below would otherwise agree with it anyway
+    assert yaml.safe_load((reference / "params.yaml").read_text())["compute"]["threads"] == 0
     t0 = time.time()
     checkout = tmp_path / "checkout"
     _git(tmp_path, "clone", "-q", str(reference), str(checkout))

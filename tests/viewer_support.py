@@ -44,7 +44,11 @@ def trained_project() -> Path:
     if "project" not in _cache and os.environ.get("CXR_VIEWER_TEST_PROJECT"):  # a dev shortcut: reuse one
         _cache["project"] = Path(os.environ["CXR_VIEWER_TEST_PROJECT"])
     if "project" not in _cache:
-        dest = make_project(_tmp_root() / "project", tiny_params())
+        params = tiny_params()
+        # every core, as users run: tests/test_determinism.py reruns it under OMP_NUM_THREADS=1, which
+        # must change nothing only because each stage sets its own threads
+        params["compute"]["threads"] = 0
+        dest = make_project(_tmp_root() / "project", params)
         env = {**os.environ, "CXR_LOG_LEVEL": "WARNING"}
         subprocess.run([sys.executable, "-m", "dvc", "repro", "-q"], cwd=dest, check=True, env=env,
                        capture_output=True, timeout=900)
