@@ -1,6 +1,7 @@
 """Shared fixtures: offline settings, a Prefect test harness, and a tiny params file."""
 from __future__ import annotations
 
+import functools
 import os
 import shutil
 import sys
@@ -136,11 +137,42 @@ _MODULE_SECONDS = {
 }
 
 
-def pytest_collection_modifyitems(config, items):
-    """`make test` runs on both cores with `--dist loadfile --no-loadscope-reorder`: a module is one unit
-    of work, so its module fixtures are built once, and the units go out in this order (heaviest
-    first, file order within a module). Sorting here, in every worker alike, is what the scheduler reads.
+# modules that read the session's tiny 2-cycle project (tests/viewer_support.py trained_project)
+_SHARED_PROJECT = ("trained_project", "reference_project", "repro_project")
 
-    Not `--dist loadgroup`: pytest-xdist 3.8 marks a group by rewriting `item._nodeid`, which pytest 9.2
-    no longer reads, so every group was split over both workers and each built its fixtures twice."""
+
+@functools.cache
+def _reads_shared_project(path: str) -> bool:
+    return any(name in (ROOT / path).read_text(errors="replace") for name in _SHARED_PROJECT)
+
+
+def _work_unit(nodeid: str) -> str:
+    """A test's unit of work under `--dist loadgroup`: its module, or one unit for every module that
+    reads the shared project, which is then built once (it costs about 150 s)."""
+    path = nodeid.split("::", 1)[0]
+    return "shared-project" if _reads_shared_project(path) else path
+
+
+def pytest_xdist_make_scheduler(config, log):
+    """`make test` runs on both cores with `-n 2 --dist loadgroup --no-loadscope-reorder`: each unit
+    (`_work_unit`) goes whole to one worker, so module fixtures are built once, and the units go out
+    in collection order (`pytest_collection_modifyitems`: heaviest first).
+
+    Our own scheduler, not xdist's loadgroup: pytest-xdist 3.8 marks a group by rewriting
+    `item._nodeid`, which pytest 9.2 no longer reads, so every group was split over both workers and
+    each built its fixtures twice."""
+    if config.getvalue("dist") != "loadgroup":
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    class WorkUnits(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return _work_unit(nodeid)
+
+    return WorkUnits(config, log)
+
+
+def pytest_collection_modifyitems(config, items):
+    """Heaviest module first (file order within a module), in every worker alike: the order in which
+    the scheduler hands out the units."""
     items.sort(key=lambda item: -_MODULE_SECONDS.get(Path(item.path).stem, 0))
