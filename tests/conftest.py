@@ -137,8 +137,9 @@ _MODULE_SECONDS = {
 }
 
 
-# modules that read the session's tiny 2-cycle project (tests/viewer_support.py trained_project)
-_SHARED_PROJECT = ("trained_project", "reference_project", "repro_project")
+# modules that read the session's tiny 2-cycle project (tests/viewer_support.py trained_project), or
+# the viewer that serves it (running_viewer)
+_SHARED_PROJECT = ("trained_project", "reference_project", "repro_project", "running_viewer")
 
 
 @functools.cache
