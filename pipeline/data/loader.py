@@ -117,7 +117,10 @@ def worker_context() -> multiprocessing.context.BaseContext:
     such copies broke workers: OpenCV's thread pool (a worker that touched it waited forever on
     threads that only exist in the parent) and Prefect 3.8's queue services, whose at-exit drain fails
     in the child after Prefect's own fork reset (every worker of a process that had run a flow exited
-    with code 1 at shutdown; tests/test_training.py). Costs about 2 s once per process."""
+    with code 1 at shutdown; tests/test_training.py). Costs about 2 s once per process. Where there is
+    no fork server (Windows), fresh interpreters (spawn)."""
+    if "forkserver" not in multiprocessing.get_all_start_methods():
+        return multiprocessing.get_context("spawn")
     ctx = multiprocessing.get_context("forkserver")
     ctx.set_forkserver_preload([__name__])
     return ctx
