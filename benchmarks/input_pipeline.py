@@ -19,7 +19,7 @@ import torch
 from pipeline.compute import CPU, Compute, available_cores, grad_scaler, optimiser_step
 from pipeline.config import AugmentParams
 from pipeline.data import phantom
-from pipeline.data.loader import EpochBatches, batch_loader
+from pipeline.data.loader import EpochBatches, batch_loader, stop_workers
 from pipeline.data.store import ArrayStore, ArrayStoreWriter
 from pipeline.data.transforms import to_model_input
 from pipeline.models.registry import create_model
@@ -46,15 +46,6 @@ def phantom_targets(n: int, labels: int, seed: int = 0) -> np.ndarray:
     return (np.random.default_rng(seed).random((n, labels)) < 0.3).astype(np.float32)
 
 
-def _stop_workers(loader) -> None:
-    """End a loader's persistent workers now, not when the garbage collector gets to them, so the next
-    measurement has the cores to itself (DataLoader offers no public call for this)."""
-    it = getattr(loader, "_iterator", None)
-    if it is not None and hasattr(it, "_shutdown_workers"):
-        it._shutdown_workers()
-    loader._iterator = None
-
-
 def loader_rate(store: ArrayStore, targets: np.ndarray, batch: int, workers: int, epochs: int = 2,
                 augment: AugmentParams | None = None, pin_memory: bool = False, seed: int = 0) -> dict:
     """Images/s the loader alone delivers with `workers` processes over `epochs` full epochs, after a warm-up
@@ -77,7 +68,7 @@ def loader_rate(store: ArrayStore, targets: np.ndarray, batch: int, workers: int
                 images += len(to_model_input(x))  # the trainer's share of the input pipeline
         wall = time.perf_counter() - t1
     finally:
-        _stop_workers(loader)
+        stop_workers(loader)
     return {"workers": workers, "first_batch_s": round(first, 3), "images_per_s": round(images / wall, 1),
             "timed_epochs": epochs, "timed_images": images}
 
@@ -124,7 +115,7 @@ class _Trainer:
             t = t2
 
     def close(self) -> None:
-        _stop_workers(self.loader)
+        stop_workers(self.loader)
 
     def summary(self, warmup: int) -> dict:
         """Figures over the steps after the first `warmup` (worker start-up is in the first step's wait)."""

@@ -115,7 +115,7 @@ def test_workers_start_clean_in_a_process_that_ran_a_prefect_flow(tmp_path, pref
     server now (pipeline.data.loader.worker_context)."""
     from prefect import flow
 
-    from pipeline.data.loader import EpochBatches, batch_loader
+    from pipeline.data.loader import EpochBatches, batch_loader, stop_workers
 
     @flow
     def one():
@@ -125,10 +125,7 @@ def test_workers_start_clean_in_a_process_that_ran_a_prefect_flow(tmp_path, pref
     store, y = two_label_store(tmp_path / "imgs", 16)
     loader, sampler = batch_loader(EpochBatches(store.root, np.arange(16), y, 8, seed=0), 2)
     assert [len(i) for _, _, i in loader] == [8, 8]
-    iterator = loader._iterator
-    workers = list(iterator._workers)
-    iterator._shutdown_workers()
-    assert [w.exitcode for w in workers] == [0, 0]
+    assert stop_workers(loader) == [0, 0]
 
 
 def _toy_run(tmp_path, resume_dir, **options):
