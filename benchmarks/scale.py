@@ -152,7 +152,9 @@ def bench_dvc_noop(patients: int = 6_700) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         project = _project(Path(tmp) / "p", patients)
         t = time.perf_counter()
-        subprocess.run([*dvc, "repro", "-q"], cwd=project, check=True, env=env, capture_output=True)
+        proc = subprocess.run([*dvc, "repro", "-q"], cwd=project, env=env, capture_output=True, text=True)
+        if proc.returncode:
+            raise RuntimeError(f"dvc repro exited {proc.returncode}:\n{proc.stdout[-2000:]}{proc.stderr[-4000:]}")
         full = time.perf_counter() - t
         images = len(ArrayStore(Paths(project).prepared_images))
         files = sum(1 for f in Paths(project).data.rglob("*") if f.is_file())
