@@ -10,7 +10,6 @@ import argparse
 import logging
 import os
 import resource
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -30,6 +29,7 @@ from pipeline.engine import in_process, open_engine
 from pipeline.io import read_json, write_json
 from pipeline.models.checkpoint import save_model
 from pipeline.models.registry import create_model
+from tests.helpers import make_project
 
 log = logging.getLogger("benchmarks")
 ROOT = Path(__file__).resolve().parents[1]
@@ -120,11 +120,8 @@ def bench_cam_workers(n: int = 4_096, workers=(1, 2)) -> dict:
 
 
 def _project(dest: Path, patients: int) -> Path:
-    dest.mkdir(parents=True)
-    for name in ("pipeline", "flows"):
-        shutil.copytree(ROOT / name, dest / name, ignore=shutil.ignore_patterns("__pycache__"))
-    shutil.copy(ROOT / "dvc.yaml", dest / "dvc.yaml")
-    Paths(dest).raw.mkdir(parents=True)
+    """The default params at 64 px and one epoch, on `patients` phantom patients, in a project laid out
+    as the tests' (tests/helpers.make_project: one way to make one, data/feedback included)."""
     p = yaml.safe_load(Paths(ROOT).params.read_text())
     p["data"].update(image_size=64)
     p["phantom"].update(n_patients=patients)
@@ -134,13 +131,7 @@ def _project(dest: Path, patients: int) -> Path:
     if "sanity" in p:
         p["sanity"].update(epochs=1)
     p["cycles"] = {"c1": {"id": 1, "prev": 0}}
-    Paths(dest).params.write_text(yaml.safe_dump(p, sort_keys=False))
-    env = {**os.environ, "GIT_AUTHOR_NAME": "bench", "GIT_AUTHOR_EMAIL": "b@b", "GIT_COMMITTER_NAME": "bench",
-           "GIT_COMMITTER_EMAIL": "b@b", "DVC_NO_ANALYTICS": "1"}
-    for cmd in (["git", "init", "-q"], [sys.executable, "-m", "dvc", "init", "-q"],
-                ["git", "add", "-A"], ["git", "commit", "-qm", "bench"]):
-        subprocess.run(cmd, cwd=dest, check=True, env=env, capture_output=True)
-    return dest
+    return make_project(dest, p)
 
 
 def bench_dvc_noop(patients: int = 6_700) -> dict:

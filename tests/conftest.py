@@ -132,7 +132,7 @@ def params_file(tmp_path) -> Path:
 # it checks; a module not listed here goes after these.
 _MODULE_SECONDS = {
     "test_determinism": 246, "test_end_to_end": 235, "test_real_data": 208, "test_sources_e2e": 111,
-    "test_viewer_api": 164, "test_flow_watch": 160, "test_review_api": 152, "test_viewer_attacks": 132,
+    "test_viewer_api": 164, "test_review_api": 152, "test_viewer_attacks": 132,
     "test_cam": 111, "test_ddp": 102, "test_engine": 100, "test_models": 91, "test_feedback_cycle": 82,
     "test_crash_consistency": 71, "test_cli": 56, "test_kill_resume": 43,
 }
@@ -140,7 +140,8 @@ _MODULE_SECONDS = {
 
 # modules that read the session's tiny 2-cycle project (tests/viewer_support.py trained_project), or
 # the viewer that serves it (running_viewer)
-_SHARED_PROJECT = ("trained_project", "reference_project", "repro_project", "running_viewer")
+_SHARED_PROJECT = ("trained_project", "reference_project", "repro_project", "running_viewer",
+                   "clean_checkout_flow_run")
 
 
 @functools.cache

@@ -10,6 +10,7 @@ from __future__ import annotations
 import ctypes
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -49,6 +50,73 @@ def reference_project() -> Path:
     from tests.viewer_support import trained_project
 
     return trained_project()
+
+
+@dataclass
+class FlowRun:
+    """`python -m flows.refine` on a clean checkout of the reference project (tests/test_determinism.py
+    checks its outputs, tests/test_flow_watch.py what a user watching it sees)."""
+    checkout: Path
+    run_id: str
+    stdout: str
+    stderr: str
+    seconds: float
+
+
+def run_git(cwd: Path, *args: str) -> str:
+    env = {**ENV, "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t",
+           "GIT_COMMITTER_EMAIL": "t@t"}
+    return subprocess.run(["git", *args], cwd=cwd, env=env, check=True, capture_output=True, text=True).stdout
+
+
+_flow_runs: dict[str, FlowRun] = {}
+
+
+def clean_checkout_flow_run() -> FlowRun:
+    """The reference project's git commit (code, params, dvc.yaml) plus its dvc.lock, with no output and
+    no DVC cache, run the way `make run` runs it: the Prefect flow in its own process, shard tasks on a
+    Dask LocalCluster, and OMP_NUM_THREADS=1 in its environment as a Dask cluster leaves it. Once per
+    session: it costs a whole tiny run (~150 s).
+
+    The run reports to the session's Prefect test server (the `prefect_harness` fixture must be active),
+    so its logs and artifacts can be read back through the API; where a run reports changes no output."""
+    from prefect.settings import PREFECT_API_URL
+
+    api = PREFECT_API_URL.value()
+    assert api, "clean_checkout_flow_run needs the prefect_harness fixture"
+    if api not in _flow_runs:
+        import tempfile
+
+        reference = reference_project()
+        tmp = Path(tempfile.mkdtemp(prefix="cxr-flow-run-"))
+        checkout = tmp / "checkout"
+        run_git(tmp, "clone", "-q", str(reference), str(checkout))
+        shutil.copy(reference / "dvc.lock", checkout / "dvc.lock")
+        run_git(checkout, "add", "dvc.lock")
+        run_git(checkout, "commit", "-qm", "the reference run's lock")
+        assert not (checkout / "models" / "c0").exists() and not any((checkout / ".dvc" / "cache").rglob("*.dir"))
+        env = {**flow_env(tmp / "prefect"), "PREFECT_API_URL": api, "OMP_NUM_THREADS": "1",
+               "MKL_NUM_THREADS": "1", "CXR_ENGINE": "dask", "CXR_LOG_LEVEL": "INFO"}
+        t0 = time.time()
+        proc = subprocess.run([sys.executable, "-m", "flows.refine", "--root", "."], cwd=checkout, env=env,
+                              capture_output=True, text=True, timeout=1800)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        run_id = _flow_run_id(t0 - 1)
+        _flow_runs[api] = FlowRun(checkout, run_id, proc.stdout, proc.stderr, round(time.time() - t0, 1))
+    return _flow_runs[api]
+
+
+def _flow_run_id(since: float) -> str:
+    """The one flow run that completed on the session's server since `since` (this worker runs one
+    test at a time, so it is the run just made)."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.sorting import FlowRunSort
+
+    with get_client(sync_client=True) as client:  # a sort given: prefect 3.8.8's default (null) gets a 422
+        runs = [r for r in client.read_flow_runs(limit=200, sort=FlowRunSort.START_TIME_DESC)
+                if r.created is not None and r.created.timestamp() >= since and r.state and r.state.is_completed()]
+    assert len(runs) == 1, f"{len(runs)} flow runs reached the Prefect server since the clean-checkout run began"
+    return str(runs[0].id)
 
 
 def project_like(reference: Path, dest: Path) -> Path:

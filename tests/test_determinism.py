@@ -1,11 +1,12 @@
 """Determinism: the same seed twice on the CPU gives identical metrics and weights, and `make run` on
 a clean checkout changes no output that `dvc repro` wrote.
 
-Run 1 is the session's uninterrupted tiny project (cycle 0 + one refinement cycle) through a plain
-`dvc repro`. Run 2 starts from a clean checkout of it: its git commit (code, params, dvc.yaml) plus its
-dvc.lock, with no output and no DVC cache, so every stage recomputes, and runs it the way `make run`
-does: the Prefect flow, its shard tasks on a Dask LocalCluster, with OMP_NUM_THREADS=1 in its
-environment as a Dask cluster leaves it (stages set their own threads: compute.threads). Afterwards
+Run 1 is the session's uninterrupted tiny project (cycle 0 + two refinement cycles) through a plain
+`dvc repro`. Run 2 (tests/pipeline_runs.clean_checkout_flow_run) starts from a clean checkout of it: its
+git commit (code, params, dvc.yaml) plus its dvc.lock, with no output and no DVC cache, so every stage
+recomputes, and runs it the way `make run` does: the Prefect flow, its shard tasks on a Dask
+LocalCluster, with OMP_NUM_THREADS=1 in its environment as a Dask cluster leaves it (stages set their
+own threads: compute.threads). tests/test_flow_watch.py reads the same run's logs. Afterwards
 dvc.lock is unchanged byte for byte, and every output file (stores, checkpoints, metrics, reports)
 equals run 1's byte for byte. The checkout with a pulled cache (no stage runs at all) is
 tests/test_remote_and_deploy.py's.
@@ -13,11 +14,9 @@ tests/test_remote_and_deploy.py's.
 from __future__ import annotations
 
 import json
-import shutil
 import struct
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -25,14 +24,9 @@ import yaml
 from safetensors import safe_open
 
 from pipeline.models.checkpoint import load_tensors, sort_header_metadata
-from tests.pipeline_runs import ENV, assert_same_code, dvc_ok, flow_env, lock_outs, reference_project
+from tests.pipeline_runs import (ENV, assert_same_code, clean_checkout_flow_run, dvc_ok, lock_outs,
+                                 reference_project, run_git)
 from tests.reliability import record
-
-
-def _git(cwd: Path, *args: str) -> str:
-    env = {**ENV, "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t",
-           "GIT_COMMITTER_EMAIL": "t@t"}
-    return subprocess.run(["git", *args], cwd=cwd, env=env, check=True, capture_output=True, text=True).stdout
 
 
 def _files(root: Path, rel: str) -> list[str]:
@@ -43,28 +37,17 @@ def _files(root: Path, rel: str) -> list[str]:
     return sorted(str(p.relative_to(root)) for p in path.rglob("*") if p.is_file())
 
 
-def test_same_seed_twice_and_clean_checkout_repro_change_no_output(tmp_path):
+def test_same_seed_twice_and_clean_checkout_repro_change_no_output(prefect_harness):
     reference = reference_project()
     # the reference ran on every core: the OMP_NUM_THREADS=1 below would otherwise agree with it anyway
     assert yaml.safe_load((reference / "params.yaml").read_text())["compute"]["threads"] == 0
-    t0 = time.time()
-    checkout = tmp_path / "checkout"
-    _git(tmp_path, "clone", "-q", str(reference), str(checkout))
-    shutil.copy(reference / "dvc.lock", checkout / "dvc.lock")
-    _git(checkout, "add", "dvc.lock")
-    _git(checkout, "commit", "-qm", "the reference run's lock")
-    assert not (checkout / "models" / "c0").exists() and not any((checkout / ".dvc" / "cache").rglob("*.dir"))
-
-    env = {**flow_env(tmp_path / "prefect"), "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
-           "CXR_ENGINE": "dask"}
-    flow = subprocess.run([sys.executable, "-m", "flows.refine", "--root", "."], cwd=checkout, env=env,
-                          capture_output=True, text=True, timeout=1800)
-    assert flow.returncode == 0, flow.stdout[-3000:] + flow.stderr[-3000:]
+    run = clean_checkout_flow_run()
+    checkout = run.checkout
     stages = lock_outs(reference)
     assert_same_code(checkout, reference)
 
     # dvc repro on the clean checkout changed no recorded hash ...
-    assert _git(checkout, "status", "--porcelain", "--", "dvc.lock") == ""
+    assert run_git(checkout, "status", "--porcelain", "--", "dvc.lock") == ""
     assert (checkout / "dvc.lock").read_text() == (reference / "dvc.lock").read_text()
     assert json.loads(dvc_ok(checkout, "status", "--json") or "{}") == {}
     # ... and every output's every file is the first run's, byte for byte
@@ -90,7 +73,7 @@ def test_same_seed_twice_and_clean_checkout_repro_change_no_output(tmp_path):
     assert "Running stage" not in again, again
     record("determinism", runs=2, stages=len(stages), outputs_compared=sum(map(len, stages.values())),
            files_compared=compared, weights_compared=len(weights), metrics_compared=len(metrics),
-           differing=len(differing), clean_checkout_changed=0, seconds=round(time.time() - t0, 1))
+           differing=len(differing), clean_checkout_changed=0, seconds=run.seconds)
 
 
 def _safetensors(meta_items: list[tuple[str, str]]) -> bytes:
