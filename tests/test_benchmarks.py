@@ -77,3 +77,21 @@ def test_gpu_bench_without_cuda_refuses_and_writes_nothing(tmp_path):
     assert proc.stderr.strip().splitlines()[-1] == NO_CUDA, proc.stderr
     assert proc.stderr.count(NO_CUDA) == 1 and not proc.stdout
     assert list(tmp_path.iterdir()) == []  # no reports/ folder, no JSON
+
+
+def test_scale_bench_project_has_every_source_dependency(tmp_path):
+    """The 10k-film dvc bench's project: every stage input that no stage writes is there, so its `dvc
+    repro` can run (a missing data/feedback once stopped `make bench` with dvc's exit 255)."""
+    from dvc.repo import Repo
+
+    from benchmarks.scale import _project
+
+    project = _project(tmp_path / "p", patients=30)
+    with Repo(str(project)) as repo:
+        stages = list(repo.index.stages)
+        written = [Path(out.fs_path) for stage in stages for out in stage.outs]
+        deps = {Path(dep.fs_path) for stage in stages for dep in stage.deps}
+        # a source: no stage writes it, nor anything inside it (reports/cycles gathers the cycles' outs)
+        sources = {d for d in deps if not any(d.is_relative_to(out) or out.is_relative_to(d) for out in written)}
+    assert len(stages) > 10 and project / "data" / "feedback" in sources
+    assert sorted(str(s.relative_to(project)) for s in sources if not s.exists()) == []
