@@ -60,7 +60,7 @@ repro: $(STAMP)  ## the same artefacts with DVC alone
 	@$(BIN)/python -m pipeline.report
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -m "not slow and not network" -n 2 --dist loadgroup --no-loadscope-reorder --durations=15
+	$(BIN)/python -m pytest -q -m "not slow and not network" -n 2 --dist loadscope --no-loadscope-reorder --durations=15
 
 test-all: $(STAMP)
 	$(BIN)/python -m pytest -q

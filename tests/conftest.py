@@ -5,6 +5,7 @@ import functools
 import os
 import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -145,37 +146,56 @@ _SHARED_PROJECT = ("trained_project", "reference_project", "repro_project", "run
 
 
 @functools.cache
-def _reads_shared_project(path: str) -> bool:
-    return any(name in (ROOT / path).read_text(errors="replace") for name in _SHARED_PROJECT)
+def _reads_shared_project(path: Path) -> bool:
+    return any(name in path.read_text(errors="replace") for name in _SHARED_PROJECT)
 
 
-def _work_unit(nodeid: str) -> str:
-    """A test's unit of work under `--dist loadgroup`: its module, or one unit for every module that
-    reads the shared project, which is then built once (it costs about 150 s)."""
-    path = nodeid.split("::", 1)[0]
-    return "shared-project" if _reads_shared_project(path) else path
+def pytest_configure(config):
+    """A folder every xdist worker of this run sees, made by the controller before the workers start
+    (they inherit the environment): the tiny project is built there once and each worker copies it
+    (tests/viewer_support.trained_project), so the modules that read it can go to either worker."""
+    if not hasattr(config, "workerinput") and "CXR_TEST_SHARED" not in os.environ:
+        config._cxr_shared = tempfile.mkdtemp(prefix="cxr-tests-shared-")
+        os.environ["CXR_TEST_SHARED"] = config._cxr_shared
 
 
-def pytest_xdist_make_scheduler(config, log):
-    """`make test` runs on both cores with `-n 2 --dist loadgroup --no-loadscope-reorder`: each unit
-    (`_work_unit`) goes whole to one worker, so module fixtures are built once, and the units go out
-    in collection order (`pytest_collection_modifyitems`: heaviest first).
-
-    Our own scheduler, not xdist's loadgroup: pytest-xdist 3.8 marks a group by rewriting
-    `item._nodeid`, which pytest 9.2 no longer reads, so every group was split over both workers and
-    each built its fixtures twice."""
-    if config.getvalue("dist") != "loadgroup":
-        return None
-    from xdist.scheduler import LoadScopeScheduling
-
-    class WorkUnits(LoadScopeScheduling):
-        def _split_scope(self, nodeid: str) -> str:
-            return _work_unit(nodeid)
-
-    return WorkUnits(config, log)
+def pytest_unconfigure(config):
+    shared = getattr(config, "_cxr_shared", None)
+    if shared:
+        shutil.rmtree(shared, ignore_errors=True)
+        os.environ.pop("CXR_TEST_SHARED", None)
 
 
 def pytest_collection_modifyitems(config, items):
-    """Heaviest module first (file order within a module), in every worker alike: the order in which
-    the scheduler hands out the units."""
-    items.sort(key=lambda item: -_MODULE_SECONDS.get(Path(item.path).stem, 0))
+    """Heaviest module first (file order within a module), in every worker alike: with `--dist loadscope
+    --no-loadscope-reorder` the order in which modules go to the two workers. The second is the heaviest
+    module that does not read the shared project, so that the other worker does not wait while the first
+    builds it."""
+    modules = list(dict.fromkeys(Path(item.path) for item in items))  # collection order: the same in every worker
+    order = sorted(modules, key=lambda path: -_MODULE_SECONDS.get(path.stem, 0))
+    if len(order) > 2 and _reads_shared_project(order[0]) and _reads_shared_project(order[1]):
+        second = next((path for path in order if not _reads_shared_project(path)), None)
+        if second is not None:
+            order.remove(second)
+            order.insert(1, second)
+    rank = {path: i for i, path in enumerate(order)}
+    items.sort(key=lambda item: rank[Path(item.path)])
+
+
+_busy: dict[str, float] = {}
+
+
+def pytest_runtest_logreport(report):
+    """Seconds each xdist worker spent in tests (setup, call, teardown), for the balance line below."""
+    node = getattr(report, "node", None)  # set by xdist on the controller
+    if node is not None:
+        worker = node.gateway.id
+        _busy[worker] = _busy.get(worker, 0.0) + report.duration
+
+
+def pytest_terminal_summary(terminalreporter):
+    """`make test` is as long as its busiest worker: show each one's total, so an imbalance is seen at
+    once."""
+    if _busy:
+        terminalreporter.write_line("busy seconds per worker: " + ", ".join(
+            f"{w} {s:.0f}" for w, s in sorted(_busy.items())))

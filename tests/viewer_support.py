@@ -23,6 +23,11 @@ from pathlib import Path
 import numpy as np
 import yaml
 
+try:
+    import fcntl  # POSIX: the lock two xdist workers share; elsewhere each worker builds its own
+except ImportError:
+    fcntl = None
+
 from tests.conftest import ROOT, tiny_params
 from tests.helpers import free_port, make_project
 
@@ -39,22 +44,46 @@ def _tmp_root() -> Path:
 
 def trained_project() -> Path:
     """The session's tiny project (phantom, 64 px, cycle 0 and two refinement cycles: tiny_params) run
-    through `dvc repro` once. Read-only for its users (viewer, crash, determinism, remote, end-to-end
-    tests): a test that changes a project copies it first."""
+    through `dvc repro` once per `make test` (`_built_once`), and copied for this worker: yours to read
+    (viewer, crash, determinism, remote, end-to-end tests); a test that changes more than which cycle is
+    served (serve_cycle) copies it first."""
     if "project" not in _cache and os.environ.get("CXR_VIEWER_TEST_PROJECT"):  # a dev shortcut: reuse one
         _cache["project"] = Path(os.environ["CXR_VIEWER_TEST_PROJECT"])
     if "project" not in _cache:
-        params = tiny_params()
-        # every core, as users run: tests/test_determinism.py reruns it under OMP_NUM_THREADS=1, which
-        # must change nothing only because each stage sets its own threads
-        params["compute"]["threads"] = 0
-        dest = make_project(_tmp_root() / "project", params)
-        env = {**os.environ, "CXR_LOG_LEVEL": "WARNING"}
-        subprocess.run([sys.executable, "-m", "dvc", "repro", "-q"], cwd=dest, check=True, env=env,
-                       capture_output=True, timeout=900)
-        assert (dest / "models" / "latest.json").is_file()
+        shared = os.environ.get("CXR_TEST_SHARED")  # tests/conftest.py pytest_configure
+        if shared and fcntl is not None:
+            dest = _tmp_root() / "project"
+            shutil.copytree(_built_once(Path(shared)), dest, symlinks=True)
+        else:
+            dest = _build(_tmp_root() / "project")
         _cache["project"] = dest
     return _cache["project"]
+
+
+def _build(dest: Path) -> Path:
+    params = tiny_params()
+    # every core, as users run: tests/test_determinism.py reruns it under OMP_NUM_THREADS=1, which
+    # must change nothing only because each stage sets its own threads
+    params["compute"]["threads"] = 0
+    make_project(dest, params)
+    env = {**os.environ, "CXR_LOG_LEVEL": "WARNING"}
+    subprocess.run([sys.executable, "-m", "dvc", "repro", "-q"], cwd=dest, check=True, env=env,
+                   capture_output=True, timeout=900)
+    assert (dest / "models" / "latest.json").is_file()
+    return dest
+
+
+def _built_once(shared: Path) -> Path:
+    """The project under the run's shared folder, built by whichever xdist worker asks first while the
+    other waits on the lock (~150 s); never changed after, so copying it needs no lock."""
+    built, done = shared / "project", shared / "project.built"
+    with open(shared / "project.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not done.exists():
+            shutil.rmtree(built, ignore_errors=True)  # what a failed build in another worker left
+            _build(built)
+            done.touch()
+    return built
 
 
 def serve_cycle(project: Path, cycle: int) -> None:
