@@ -128,14 +128,15 @@ def params_file(tmp_path) -> Path:
 
 
 # Seconds each module took in `make test` (`--durations=0`, both cores busy, 2026-12-05; test_sources_e2e
-# is NIH's cycle alone since Kermany's went slow): the order in which the modules are handed to the two
+# is NIH's cycle alone since Kermany's went slow; test_determinism's includes building the shared project
+# and the flow run test_flow_watch reads): the order in which the modules are handed to the two
 # workers, heaviest first, so that no long module starts last. It changes when a test runs, never what
 # it checks; a module not listed here goes after these.
 _MODULE_SECONDS = {
-    "test_determinism": 246, "test_end_to_end": 235, "test_real_data": 208, "test_sources_e2e": 111,
+    "test_determinism": 400, "test_end_to_end": 235, "test_real_data": 208, "test_sources_e2e": 111,
     "test_viewer_api": 164, "test_review_api": 152, "test_viewer_attacks": 132,
     "test_cam": 111, "test_ddp": 102, "test_engine": 100, "test_models": 91, "test_feedback_cycle": 82,
-    "test_crash_consistency": 71, "test_cli": 56, "test_kill_resume": 43,
+    "test_crash_consistency": 71, "test_cli": 56, "test_kill_resume": 43, "test_benchmarks": 50,
 }
 
 
@@ -164,6 +165,28 @@ def pytest_unconfigure(config):
     if shared:
         shutil.rmtree(shared, ignore_errors=True)
         os.environ.pop("CXR_TEST_SHARED", None)
+
+
+# modules that read one session-cached run (tests/pipeline_runs.clean_checkout_flow_run: the determinism
+# test's flow run is the one flow_watch watches, through the worker's own Prefect server) go to the same
+# worker, or each worker would make that run (~150 s of CPU) for itself
+_SAME_WORKER_AS = {"tests/test_flow_watch.py": "tests/test_determinism.py"}
+
+
+def pytest_xdist_make_scheduler(config, log):
+    """`make test` runs `-n 2 --dist loadscope --no-loadscope-reorder`: a module goes whole to one
+    worker (its module fixtures built once), in collection order (`pytest_collection_modifyitems`),
+    and the modules of `_SAME_WORKER_AS` go together."""
+    if config.getvalue("dist") != "loadscope":
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    class Modules(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            module = nodeid.split("::", 1)[0]
+            return _SAME_WORKER_AS.get(module, module)
+
+    return Modules(config, log)
 
 
 def pytest_collection_modifyitems(config, items):

@@ -95,3 +95,17 @@ def test_scale_bench_project_has_every_source_dependency(tmp_path):
         sources = {d for d in deps if not any(d.is_relative_to(out) or out.is_relative_to(d) for out in written)}
     assert len(stages) > 10 and project / "data" / "feedback" in sources
     assert sorted(str(s.relative_to(project)) for s in sources if not s.exists()) == []
+
+
+def test_viewer_bench_retries_what_the_inflight_limit_refuses(monkeypatch):
+    """The viewer bench's concurrent clients at a limit they exceed (one held upload at a time, four
+    clients): the refused requests are retried after Retry-After and counted, and every one is answered
+    (a 429 once stopped `make bench`)."""
+    from benchmarks.viewer import bench_viewer
+
+    monkeypatch.setenv("CXR_MAX_INFLIGHT", "1")
+    out = bench_viewer(setups=(("tinyvgg", 32, ["Pneumonia", "Cardiomegaly"]),), repeats=1, clients=4, per_client=3)
+    res = out["tinyvgg@32"]
+    assert res["requests"] == 12 and res["max_inflight"] == 1
+    assert res["refused_429_then_retried"] > 0
+    _positive(res, ("single_client_median_ms", "concurrent_p95_ms", "concurrent_throughput_per_s", "analyse_ms"))
