@@ -144,12 +144,17 @@ def _http(root: Path, data: bytes, single: int, clients: int, per_client: int) -
             seq = [one(c) for _ in range(single)]
         lat: list[float] = []
 
+        errors: list[BaseException] = []
+
         def worker():
-            with httpx.Client(timeout=300) as c:
-                for _ in range(per_client):
-                    ms = one(c)
-                    with lock:
-                        lat.append(ms)
+            try:
+                with httpx.Client(timeout=300) as c:
+                    for _ in range(per_client):
+                        ms = one(c)
+                        with lock:
+                            lat.append(ms)
+            except BaseException as err:  # noqa: BLE001 - raised below, in the bench's own thread
+                errors.append(err)
 
         t0 = time.perf_counter()
         threads = [threading.Thread(target=worker) for _ in range(clients)]
@@ -158,6 +163,8 @@ def _http(root: Path, data: bytes, single: int, clients: int, per_client: int) -
         for t in threads:
             t.join()
         wall = time.perf_counter() - t0
+        if errors:  # a client that failed would otherwise leave fewer requests, silently
+            raise RuntimeError(f"{len(errors)} of {clients} viewer bench clients failed") from errors[0]
     finally:
         proc.terminate()
         proc.wait(30)
