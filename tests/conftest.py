@@ -169,7 +169,7 @@ def pytest_unconfigure(config):
 
 # modules that read one session-cached run (tests/pipeline_runs.clean_checkout_flow_run: the determinism
 # test's flow run is the one flow_watch watches, through the worker's own Prefect server) go to the same
-# worker, or each worker would make that run (~150 s of CPU) for itself
+# worker, or each worker would make that run (250-350 s) for itself
 _SAME_WORKER_AS = {"tests/test_flow_watch.py": "tests/test_determinism.py"}
 
 

@@ -7,6 +7,7 @@ when its index.json names shards that all load with the index's shape; a checkpo
 """
 from __future__ import annotations
 
+import atexit
 import ctypes
 import json
 import os
@@ -14,6 +15,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -76,7 +78,7 @@ def clean_checkout_flow_run() -> FlowRun:
     """The reference project's git commit (code, params, dvc.yaml) plus its dvc.lock, with no output and
     no DVC cache, run the way `make run` runs it: the Prefect flow in its own process, shard tasks on a
     Dask LocalCluster, and OMP_NUM_THREADS=1 in its environment as a Dask cluster leaves it. Once per
-    session: it costs a whole tiny run (~150 s).
+    session: it costs a whole tiny run (250-350 s here).
 
     The run reports to the session's Prefect test server (the `prefect_harness` fixture must be active),
     so its logs and artifacts can be read back through the API; where a run reports changes no output."""
@@ -85,10 +87,9 @@ def clean_checkout_flow_run() -> FlowRun:
     api = PREFECT_API_URL.value()
     assert api, "clean_checkout_flow_run needs the prefect_harness fixture"
     if api not in _flow_runs:
-        import tempfile
-
         reference = reference_project()
         tmp = Path(tempfile.mkdtemp(prefix="cxr-flow-run-"))
+        atexit.register(shutil.rmtree, tmp, ignore_errors=True)
         checkout = tmp / "checkout"
         run_git(tmp, "clone", "-q", str(reference), str(checkout))
         shutil.copy(reference / "dvc.lock", checkout / "dvc.lock")
