@@ -121,6 +121,7 @@ def _http(root: Path, data: bytes, single: int, clients: int, per_client: int) -
                 raise RuntimeError("the viewer did not start")
             time.sleep(0.3)
 
+        lock = threading.Lock()
         refused = [0]
 
         def one(client: httpx.Client) -> float:
@@ -137,13 +138,10 @@ def _http(root: Path, data: bytes, single: int, clients: int, per_client: int) -
             r.raise_for_status()
             return (time.perf_counter() - t) * 1000
 
-        lock = threading.Lock()
-
         with httpx.Client(timeout=120) as c:
             one(c)
             seq = [one(c) for _ in range(single)]
         lat: list[float] = []
-
         errors: list[BaseException] = []
 
         def worker():

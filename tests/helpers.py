@@ -14,6 +14,8 @@ from pathlib import Path
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
+# who commits in a test's git repository (a clean machine has no git identity configured)
+GIT_IDENTITY = {"GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"}
 
 
 def make_project(dest: Path, params: dict) -> Path:
@@ -27,8 +29,7 @@ def make_project(dest: Path, params: dict) -> Path:
     (dest / "data" / "feedback").mkdir()
     shutil.copy(ROOT / "data" / "feedback" / "README.md", dest / "data" / "feedback" / "README.md")
     (dest / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    env = {**os.environ, "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t",
-           "GIT_COMMITTER_EMAIL": "t@t"}
+    env = {**os.environ, **GIT_IDENTITY}
     for cmd in (["git", "init", "-q"], [sys.executable, "-m", "dvc", "init", "-q"],
                 [sys.executable, "-m", "dvc", "config", "core.analytics", "false"]):
         subprocess.run(cmd, cwd=dest, check=True, env=env, capture_output=True)

@@ -27,7 +27,7 @@ import psutil
 import pytest
 import yaml
 
-from tests.helpers import make_project
+from tests.helpers import GIT_IDENTITY, make_project
 
 ENV = {**os.environ, "DVC_NO_ANALYTICS": "1", "CXR_LOG_LEVEL": "WARNING",
        "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
@@ -66,9 +66,8 @@ class FlowRun:
 
 
 def run_git(cwd: Path, *args: str) -> str:
-    env = {**ENV, "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t",
-           "GIT_COMMITTER_EMAIL": "t@t"}
-    return subprocess.run(["git", *args], cwd=cwd, env=env, check=True, capture_output=True, text=True).stdout
+    return subprocess.run(["git", *args], cwd=cwd, env={**ENV, **GIT_IDENTITY}, check=True, capture_output=True,
+                          text=True).stdout
 
 
 _flow_runs: dict[str, FlowRun] = {}
@@ -96,7 +95,7 @@ def clean_checkout_flow_run() -> FlowRun:
         run_git(checkout, "add", "dvc.lock")
         run_git(checkout, "commit", "-qm", "the reference run's lock")
         assert not (checkout / "models" / "c0").exists() and not any((checkout / ".dvc" / "cache").rglob("*.dir"))
-        env = {**flow_env(tmp / "prefect"), "PREFECT_API_URL": api, "OMP_NUM_THREADS": "1",
+        env = {**ENV, "PREFECT_HOME": str(tmp / "prefect"), "PREFECT_API_URL": api, "OMP_NUM_THREADS": "1",
                "MKL_NUM_THREADS": "1", "CXR_ENGINE": "dask", "CXR_LOG_LEVEL": "INFO"}
         t0 = time.time()
         proc = subprocess.run([sys.executable, "-m", "flows.refine", "--root", "."], cwd=checkout, env=env,

@@ -14,10 +14,10 @@ from pathlib import Path
 import yaml
 
 from tests.conftest import ROOT
+from tests.helpers import GIT_IDENTITY
 from tests.viewer_support import trained_project
 
-ENV = {**os.environ, "DVC_NO_ANALYTICS": "1", "CXR_LOG_LEVEL": "WARNING", "GIT_AUTHOR_NAME": "t",
-       "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"}
+ENV = {**os.environ, "DVC_NO_ANALYTICS": "1", "CXR_LOG_LEVEL": "WARNING", **GIT_IDENTITY}
 # cached (pushed/pulled) outputs of cycle 0, the refinement cycle and the report
 OUTPUTS = ("data/prepared", "models/unet", "models/c0", "data/cams/c1", "models/c1", "reports/index.html",
            "reports/summary.json")
